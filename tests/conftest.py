@@ -1,0 +1,85 @@
+"""Shared fixtures: real servers on loopback (moto S3), the shared data folder, small images."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VARLIDE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or a clean skip naming what is missing."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (tests read real images there)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's threaded S3 server on 127.0.0.1, with the AWS variables pointing at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in (
+        "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update({
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    })
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the loopback S3 server; yields its ``s3://`` URI."""
+    import s3fs
+
+    name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")
+    name = name[:50].strip("-")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs.mkdir(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield f"s3://{name}"
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def make_rgb(h: int = 48, w: int = 64, seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    """A smooth random RGB image (uint8) with structure, darkened by ``scale``."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([
+        0.5 + 0.5 * np.sin(xx / (3 + 2 * c) + yy / (5 + c) + rng.uniform(0, 6)) for c in range(3)
+    ], axis=-1)
+    base = base * 0.8 + 0.2 * rng.random((h, w, 3))
+    return np.clip(base * scale * 255, 0, 255).astype(np.uint8)

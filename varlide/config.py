@@ -1,0 +1,150 @@
+"""The one configuration object of a varlide run.
+
+Precedence, lowest to highest: built-in defaults < YAML file (``--config``) < environment
+(``VARLIDE_<FIELD>``, e.g. ``VARLIDE_SHARD_SIZE=64``) < CLI flags. Validation happens here,
+at the edge, and an error names the offending field.
+
+``Config.output_fields`` lists the fields that change what a run produces; the run id is a
+hash of the input URI and those fields only (not workers, device, batch size ...), so
+re-running the same command resumes the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_METRICS = (
+    "brightness",
+    "contrast",
+    "entropy",
+    "colorfulness",
+    "sharpness",
+    "overexposed",
+    "piqe",
+)
+DEFAULT_REFERENCE_METRICS = ("psnr", "ssim")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class Config(BaseModel):
+    """Everything a run needs to know. Immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- corpus and plan (change outputs) ---
+    dataset: str | None = Field(None, description="dataset name; default: last path part of INPUT")
+    shard_size: int = Field(256, ge=1, le=1_000_000)
+    include: tuple[str, ...] = Field((), description="glob(s) on the relative path to keep")
+    exclude: tuple[str, ...] = Field((), description="glob(s) on the relative path to drop")
+    limit: int | None = Field(None, ge=1)
+    # --- stages (change outputs) ---
+    prior: str = "analytic"
+    enhancer: str = "classic-curve"
+    enhancer_weights: str | None = Field(None, description="path/URI of enhancer weights")
+    enhance: bool = Field(True, description="False: scores only, no enhanced images")
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    reference_metrics: tuple[str, ...] = DEFAULT_REFERENCE_METRICS
+    reference: str | None = Field(None, description="URI of clean images, same relative paths")
+    iqa_max_side: int | None = Field(None, ge=16)
+    format: Literal["same", "png", "jpeg"] = "same"
+    quality: int = Field(90, ge=1, le=100)
+    apply_exif: bool = False
+    max_pixels: int = Field(120_000_000, ge=1, description="decompression-bomb guard")
+    # --- execution (do not change outputs) ---
+    run_id: str | None = None
+    workers: int = Field(1, ge=1, le=256, description="shards in flight on this machine")
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    batch_size: int = Field(8, ge=1, le=4096)
+    decode_threads: int = Field(4, ge=1, le=256)
+    retries: int = Field(2, ge=0, le=20)
+    retry_delay_s: float = Field(2.0, ge=0)
+    experiment: str = "varlide-enhance"
+    progress: bool = True
+
+    @field_validator("include", "exclude", "metrics", "reference_metrics", mode="before")
+    @classmethod
+    def _to_tuple(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(v for v in (p.strip() for p in value.split(",")) if v)
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+
+    # Fields whose value changes what a run writes; everything else is execution detail.
+    output_fields = (
+        "dataset", "shard_size", "include", "exclude", "limit", "prior", "enhancer",
+        "enhancer_weights", "enhance", "metrics", "reference_metrics", "reference",
+        "iqa_max_side", "format", "quality", "apply_exif", "max_pixels",
+    )
+
+    def output_config(self) -> dict[str, Any]:
+        """The output-changing fields, JSON-ready (tuples become lists)."""
+        data = self.model_dump(mode="json")
+        return {name: data[name] for name in self.output_fields}
+
+    def run_id_for(self, input_uri: str) -> str:
+        """Deterministic run id: same input and output-changing config -> same id (resume)."""
+        if self.run_id:
+            return self.run_id
+        payload = json.dumps(
+            {"input": input_uri.rstrip("/"), "config": self.output_config()}, sort_keys=True
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def dataset_for(self, input_uri: str) -> str:
+        """The dataset name: configured, else the last path component of the input."""
+        if self.dataset:
+            return self.dataset
+        name = input_uri.rstrip("/").rsplit("/", 1)[-1]
+        return name or "dataset"
+
+    def quality_metric_names(self) -> tuple[str, ...]:
+        """All q_ metric names of a run: no-reference ones, plus full-reference when given."""
+        names = list(self.metrics)
+        if self.reference:
+            names += [m for m in self.reference_metrics if m not in names]
+        return tuple(names)
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in Config.model_fields:
+        key = f"VARLIDE_{name.upper()}"
+        if key in environ:
+            out[name] = environ[key]
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Defaults < YAML file < VARLIDE_* environment < ``overrides`` (CLI flags; None = unset)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+        data.update(loaded)
+    data.update(_env_overrides(dict(os.environ if environ is None else environ)))
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,1 @@
+"""Robust decode and encode of images (Pillow). No torch here."""

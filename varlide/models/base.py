@@ -1,0 +1,54 @@
+"""The enhancer interface and registry.
+
+An enhancer takes a batch of images and their prior scores and returns enhanced images plus
+what it decided per image (iterations, phase strength, route). Weights are resolved outside
+(``varlide.weights``); a model never reads a file itself except through ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from varlide.registry import Registry
+
+ROUTES = ("skip", "curve", "full")
+
+
+@dataclass
+class EnhanceResult:
+    images: torch.Tensor  # (B, 3, H, W) float in [0, 1]
+    route: list[str]  # per image, one of ROUTES
+    n_iter: torch.Tensor | None = None  # (B,) int: curve iterations applied (VICM's n_v)
+    phase_strength: torch.Tensor | None = None  # (B,) float: VGPM strength, None if no VGPM
+
+
+class Enhancer(nn.Module):
+    """Base class. ``name`` is the registered name; ``version`` identifies the weights."""
+
+    name: str = ""
+    version: str = "0"
+    # Prior backend (and model) whose v/b scale the weights were trained on; None = any.
+    trained_prior: str | None = None
+    trained_prior_model: str | None = None
+
+    @torch.no_grad()
+    def enhance(
+        self, images: torch.Tensor, visibility: torch.Tensor, blur: torch.Tensor
+    ) -> EnhanceResult:
+        raise NotImplementedError
+
+
+ENHANCERS: Registry[Enhancer] = Registry("enhancer")
+
+
+def create_enhancer(
+    name: str, weights: str | None = None, device: str | torch.device = "cpu", **kwargs
+) -> Enhancer:
+    """Build a registered enhancer, load ``weights`` if given, move to ``device``, eval mode."""
+    import varlide.models  # noqa: F401  (registers the built-in enhancers)
+
+    model = ENHANCERS.create(name, weights=weights, **kwargs)
+    return model.to(device).eval()

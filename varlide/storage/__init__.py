@@ -1,0 +1,1 @@
+"""Storage: URIs, corpus listing, shard plans, run store (manifest, markers, lock), Parquet."""
