@@ -83,3 +83,21 @@ def make_rgb(h: int = 48, w: int = 64, seed: int = 0, scale: float = 1.0) -> np.
     ], axis=-1)
     base = base * 0.8 + 0.2 * rng.random((h, w, 3))
     return np.clip(base * scale * 255, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary server on loopback) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def mlflow_sqlite(tmp_path, monkeypatch) -> str:
+    """A local SQLite MLflow store for one test (artifacts beside it)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # default artifact root ./mlruns lands in tmp_path
+    return uri

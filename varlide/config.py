@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -81,7 +81,7 @@ class Config(BaseModel):
         return value
 
     # Fields whose value changes what a run writes; everything else is execution detail.
-    output_fields = (
+    output_fields: ClassVar[tuple[str, ...]] = (
         "dataset", "shard_size", "include", "exclude", "limit", "prior", "enhancer",
         "enhancer_weights", "enhance", "metrics", "reference_metrics", "reference",
         "iqa_max_side", "format", "quality", "apply_exif", "max_pixels",

@@ -2,6 +2,12 @@
 
 Callers never guess a direction or a range: ``metric_info(name)`` says whether lower is
 better, the value range, and whether a reference image is needed.
+
+Names resolve in order: our registry (analytic measures, and ``piqe``/``psnr``/``ssim``
+registered with their documented defaults), then any other pyiqa metric name, built
+through ``pyiqa.create_metric`` with the direction and range from pyiqa's own table, so a
+learned pyiqa metric needs no code here (its weights must already be in the torch hub
+cache when offline). Our names win on a clash (``entropy`` is ours).
 """
 
 from __future__ import annotations
@@ -10,21 +16,25 @@ from dataclasses import dataclass
 
 import torch
 
-from varlide.registry import Registry
+from varlide.registry import Registry, UnknownNameError
 
 
 @dataclass(frozen=True)
 class MetricInfo:
     name: str
     lower_better: bool | None  # None: no preferred direction (e.g. brightness)
-    value_range: tuple[float, float] | None  # None: unbounded / not documented
+    value_range: tuple[float, float] | None  # math.inf for an open end; None: not documented
     needs_reference: bool = False
     source: str = "varlide"  # 'varlide' (analytic) or 'pyiqa'
     description: str = ""
 
 
 class Metric:
-    """Base class: ``info`` plus ``__call__(images, reference=None) -> (B,) float64``."""
+    """Base class: ``info`` plus ``__call__(images, reference=None) -> (B,) float64``.
+
+    ``images`` (and ``reference``) are ``(B, 3, H, W)`` float in [0, 1]; the result is on
+    the device the measure ran on. No-reference measures ignore ``reference``.
+    """
 
     info: MetricInfo
 
@@ -37,15 +47,45 @@ class Metric:
 METRICS: Registry[Metric] = Registry("metric")
 
 
+def _pyiqa():
+    from varlide.iqa import pyiqa_metrics
+
+    return pyiqa_metrics
+
+
+def _unknown(name: str) -> UnknownNameError:
+    import difflib
+
+    ours = METRICS.names()
+    theirs = _pyiqa().pyiqa_names()
+    close = difflib.get_close_matches(name, sorted(set(ours + theirs)), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return UnknownNameError(
+        f"unknown metric {name!r}; known: {', '.join(ours)}, or any of pyiqa's "
+        f"{len(theirs)} metric names (pyiqa.list_models()){hint}"
+    )
+
+
 def create_metric(name: str, device: str | torch.device = "cpu", **kwargs) -> Metric:
-    """Build a registered measure on ``device``."""
+    """Build a measure on ``device``: a registered one first, else any pyiqa metric by name.
+
+    Extra ``kwargs`` go to the factory (for a pyiqa metric: to ``pyiqa.create_metric``).
+    """
     import varlide.iqa  # noqa: F401  (registers the built-in measures)
 
-    return METRICS.create(name, device=device, **kwargs)
+    if name in METRICS:
+        return METRICS.create(name, device=device, **kwargs)
+    if name in _pyiqa().pyiqa_names():
+        return _pyiqa().PyiqaMetric(name, device=device, **kwargs)
+    raise _unknown(name)
 
 
 def metric_info(name: str) -> MetricInfo:
-    """Metadata of a measure without building it."""
+    """Metadata of a measure without building it (pyiqa's table is read, pyiqa not imported)."""
     import varlide.iqa  # noqa: F401
 
-    return METRICS.get(name).info  # factories carry ``info`` as an attribute
+    if name in METRICS:
+        return METRICS.get(name).info  # factories carry ``info`` as an attribute
+    if name in _pyiqa().pyiqa_names():
+        return _pyiqa().pyiqa_info(name)
+    raise _unknown(name)

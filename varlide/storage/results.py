@@ -85,13 +85,22 @@ def write_table(table: pa.Table, uri: str) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue()
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
-        parent = path.rsplit("/", 1)[0]
-        fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as fh:
-            fh.write(data)
-        fs.mv(tmp, path)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        parent, _, name = path.rpartition("/")
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        # Hidden temp name in the same folder: a crash leaves nothing that readers
+        # (pyarrow ignores "."-prefixed files, '*.parquet' globs miss it) would pick up.
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with fs.open(tmp, "wb") as fh:
+                fh.write(data)
+            fs.mv(tmp, path)
+        except BaseException:
+            if fs.exists(tmp):
+                fs.rm_file(tmp)
+            raise
     else:
         fs.pipe_file(path, data)
 

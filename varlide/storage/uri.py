@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -40,10 +41,19 @@ def is_local(uri: str) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
 def safe_relpath(rel: str) -> str:
-    """Normalise a relative key and refuse one that would leave its root."""
-    if not rel or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+    """Normalise a relative key and refuse one that would leave its root.
+
+    Refused: empty, absolute (``/x``, ``\\x``), a drive (``C:x``), a URL (``s3://x``),
+    any ``..`` component, a NUL character. Backslashes become ``/``.
+    """
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or _DRIVE.match(rel):
         raise UnsafePathError(f"refusing absolute or empty path {rel!r}")
+    if "\x00" in rel or "://" in rel:
+        raise UnsafePathError(f"refusing path with a NUL or a protocol: {rel!r}")
     rel = rel.replace("\\", "/")
     parts = rel.split("/")
     if any(p == ".." for p in parts):
@@ -55,8 +65,22 @@ def safe_relpath(rel: str) -> str:
 
 
 def join(base: str, *rels: str) -> str:
-    """Join safe relative keys onto a base URI (no escapes possible)."""
-    out = base.rstrip("/")
+    """Join safe relative keys onto a base URI (no escapes possible).
+
+    Trailing slashes of ``base`` are dropped, except the ones that make a root:
+    ``join("memory://", "a") == "memory://a"``, ``join("file:///", "a") == "file:///a"``,
+    ``join("/", "a") == "/a"``.
+    """
+    head, sep, rest = base.partition("://")
+    if not sep:
+        head, rest = "", base
+    else:
+        head += sep
+    stripped = rest.rstrip("/")
+    if rest and not stripped:
+        stripped = "/"  # a root such as "/" or the path of "file:///"
+    out = head + stripped
     for rel in rels:
-        out = f"{out}/{safe_relpath(rel)}"
+        rel = safe_relpath(rel)
+        out = f"{out}{rel}" if (not out or out.endswith("/")) else f"{out}/{rel}"
     return out

@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only (plan shards, map tasks, aggregate, log)."""

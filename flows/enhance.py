@@ -1,0 +1,102 @@
+"""The main job: plan a run, map the pending shards, record the run.
+
+Thin on purpose: per-image work is in ``varlide.engine``, planning and summaries in
+``varlide.run``. The flow adds what orchestration owns: retries with backoff, concurrency
+(``workers`` shards in flight), the run lock, failure markers and Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+
+from tasks.runs import plan_run_task, record_run_task
+from tasks.shards import process_shard_task
+from varlide import progress
+from varlide.config import Config
+from varlide.engine import worker_name
+from varlide.storage.runstore import RunStore
+
+
+def _artifact_key(run_id: str, what: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", f"varlide-{what}-{run_id}".lower())[:100]
+
+
+@flow(name="varlide-enhance", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def enhance_flow(input_uri: str, output_uri: str, config: dict[str, Any],
+                 fresh: bool = False) -> dict[str, Any]:
+    """Score (and enhance) every image of INPUT into OUTPUT; resumable by run id."""
+    logger = get_run_logger()
+    cfg = Config(**config)
+    plan = plan_run_task(input_uri, output_uri, cfg, fresh)
+    logger.info(plan.describe())
+    store = RunStore(plan.output_uri, plan.run_id)
+    task = process_shard_task.with_options(
+        retries=cfg.retries, retry_delay_seconds=exponential_backoff(cfg.retry_delay_s)
+        if cfg.retry_delay_s > 0 else 0)
+    started = time.perf_counter()
+    failed: dict[int, str] = {}
+    processed = 0
+    reporter = progress.Progress(plan.images, plan.images - sum(len(s.files) for s in plan.pending),
+                                 show_bar=cfg.progress, desc=f"run {plan.run_id}")
+    progress.register(plan.run_id, reporter)
+    with store.lock(owner=worker_name()):
+        artifact = create_progress_artifact(
+            100.0 * len(plan.done) / max(1, len(plan.shards)),
+            key=_artifact_key(plan.run_id, "progress"), description=f"run {plan.run_id}")
+        futures = {task.submit(plan.job(s)): s.index for s in plan.pending}
+        done = len(plan.done)
+        try:
+            for future in as_completed(list(futures)):
+                index = futures[future]
+                try:
+                    result = future.result()
+                    processed += result.rows
+                except Exception as exc:  # after its retries
+                    failed[index] = f"{type(exc).__name__}: {exc}"
+                    store.write_failure(index, failed[index])
+                    logger.error("shard %05d failed after %d retries: %s", index, cfg.retries,
+                                 failed[index])
+                done += 1
+                store.heartbeat()
+                update_progress_artifact(artifact, 100.0 * done / max(1, len(plan.shards)))
+        finally:
+            progress.unregister(plan.run_id)
+            reporter.close()
+        session = {
+            "failed_shards": sorted(failed), "processed_images": processed,
+            "seconds": round(time.perf_counter() - started, 3), "workers": cfg.workers,
+            "worker": worker_name(), "shards_run": len(futures),
+        }
+        summary = record_run_task(plan, session)
+    summary["failures"] = {str(k): v for k, v in failed.items()}
+    m = summary["metrics"]
+    create_table_artifact(
+        [{"run_id": plan.run_id, "dataset": plan.dataset, "images": int(m.get("images", 0)),
+          "ok": int(m.get("ok", 0)), "errors": int(m.get("errors", 0)),
+          "shards": len(plan.shards), "failed_shards": ",".join(map(str, sorted(failed))),
+          "images_per_s": round(m.get("images_per_s", 0.0), 2)}],
+        key=_artifact_key(plan.run_id, "summary"), description="varlide run summary")
+    if failed:
+        logging.getLogger(__name__).error("failed shards: %s", sorted(failed))
+    return summary
+
+
+def run_enhance(input_uri: str, output_uri: str, cfg: Config, fresh: bool = False
+                ) -> dict[str, Any]:
+    """Run the flow with ``cfg.workers`` shards in flight (thread runner on this machine)."""
+    runner = ThreadPoolTaskRunner(max_workers=cfg.workers)
+    return enhance_flow.with_options(task_runner=runner)(
+        input_uri, output_uri, cfg.model_dump(mode="json"), fresh)

@@ -1,0 +1,47 @@
+import pytest
+
+from varlide.config import Config, ConfigError, load_config
+
+
+def test_precedence_defaults_file_env_flags(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("shard_size: 10\nworkers: 3\nmetrics: [brightness, entropy]\n")
+    env = {"VARLIDE_SHARD_SIZE": "20", "VARLIDE_QUALITY": "70"}
+    cfg = load_config(cfg_file, {"shard_size": 30, "workers": None}, environ=env)
+    assert cfg.shard_size == 30  # flag beats env beats file
+    assert cfg.quality == 70  # env beats default
+    assert cfg.workers == 3  # file beats default; an unset flag (None) does not override
+    assert cfg.metrics == ("brightness", "entropy")
+
+
+def test_error_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="shard_size"):
+        load_config(None, {"shard_size": 0}, environ={})
+    with pytest.raises(ConfigError, match="format"):
+        load_config(None, {"format": "gif"}, environ={})
+    with pytest.raises(ConfigError, match="no_such_field"):
+        load_config(None, {"no_such_field": 1}, environ={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad, environ={})
+
+
+def test_run_id_ignores_execution_fields_only():
+    base = Config()
+    same = Config(workers=8, device="cpu", batch_size=2, retries=5)
+    other = Config(quality=50)
+    assert base.run_id_for("/data/a") == same.run_id_for("/data/a")
+    assert base.run_id_for("/data/a") != other.run_id_for("/data/a")
+    assert base.run_id_for("/data/a") != base.run_id_for("/data/b")
+    assert Config(run_id="mine").run_id_for("/data/a") == "mine"
+
+
+def test_dataset_defaults_to_last_path_component():
+    assert Config().dataset_for("s3://bucket/frames/night/") == "night"
+    assert Config(dataset="x").dataset_for("/a/b") == "x"
+
+
+def test_reference_adds_full_reference_metrics():
+    assert "psnr" not in Config().quality_metric_names()
+    assert Config(reference="/r").quality_metric_names()[-2:] == ("psnr", "ssim")

@@ -1,0 +1,414 @@
+"""The worker core: one shard through decode -> prior -> enhance -> quality -> write.
+
+``process_shard`` is the only per-image code path of a run. It knows nothing of Prefect: the
+flow's task calls it, a Dask worker calls it, a benchmark calls it. Models and metrics are
+built once per process (``get_stages``) and reused across shards.
+
+How the work is overlapped (CPU and GPU alike):
+- reading + hashing + decoding run ahead in a thread pool (Pillow and hashlib release the
+  GIL), bounded to a window of images so memory stays flat however big the shard is;
+- decoded images wait in per-size buckets; a full bucket (``batch_size``) becomes one batch
+  through prior, enhancer and metrics on the device;
+- encoding + writing enhanced images runs behind compute in the same kind of pool.
+Then the shard's Parquet file is written whole, and only then its completion marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from varlide.config import Config
+from varlide.imaging.decode import DecodedImage, DecodeError, decode_image
+from varlide.imaging.encode import encode_image
+from varlide.iqa.base import Metric, create_metric
+from varlide.models.base import Enhancer, create_enhancer
+from varlide.priors.base import Prior, create_prior
+from varlide.storage.plan import PlannedFile, Shard
+from varlide.storage.results import SCHEMA_VERSION, write_rows
+from varlide.storage.runstore import RunStore
+from varlide.storage.uri import filesystem, join
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]  # (images done in this call, errors in them)
+
+
+class StageError(RuntimeError):
+    """A model stage failed on a batch: the shard fails (and is retried), no rows are lost."""
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a worker needs for one shard; plain data so it pickles to any executor."""
+
+    run_id: str
+    dataset: str
+    input_uri: str
+    output_uri: str
+    shard: Shard
+    config: dict[str, Any]  # Config.model_dump(mode="json")
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    rows: int
+    errors: int
+    parquet_uri: str
+    seconds: float
+    worker: str
+    device: str
+    stage_ms: dict[str, float] = field(default_factory=dict)
+
+    def as_marker(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard, "rows": self.rows, "errors": self.errors,
+            "parquet": self.parquet_uri, "seconds": round(self.seconds, 3),
+            "worker": self.worker, "device": self.device, "stage_ms": self.stage_ms,
+            "finished_at": datetime.now(UTC).isoformat(),
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but CUDA is not available here")
+        return torch.device("cuda:0")
+    return torch.device(name)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass
+class Stages:
+    """The models and measures of a run, built once per process and device."""
+
+    device: torch.device
+    prior: Prior
+    enhancer: Enhancer | None
+    metrics: dict[str, Metric]
+    reference_metrics: dict[str, Metric]
+
+
+_STAGES: dict[tuple, Stages] = {}
+_STAGES_LOCK = threading.Lock()
+
+
+def _stage_key(cfg: Config, device: torch.device) -> tuple:
+    return (cfg.prior, cfg.enhancer if cfg.enhance else None, cfg.enhancer_weights,
+            cfg.metrics, cfg.reference_metrics if cfg.reference else (), str(device))
+
+
+def get_stages(cfg: Config) -> Stages:
+    """Build (once per process) the prior, enhancer and measures this config asks for."""
+    device = resolve_device(cfg.device)
+    key = _stage_key(cfg, device)
+    with _STAGES_LOCK:
+        if key not in _STAGES:
+            enhancer = None
+            if cfg.enhance:
+                enhancer = create_enhancer(cfg.enhancer, weights=cfg.enhancer_weights,
+                                           device=device)
+            ref_names = cfg.reference_metrics if cfg.reference else ()
+            _STAGES[key] = Stages(
+                device=device,
+                prior=create_prior(cfg.prior, device=device),
+                enhancer=enhancer,
+                metrics={m: create_metric(m, device=device) for m in cfg.metrics},
+                reference_metrics={m: create_metric(m, device=device) for m in ref_names},
+            )
+        return _STAGES[key]
+
+
+def clear_stage_cache() -> None:
+    with _STAGES_LOCK:
+        _STAGES.clear()
+
+
+# --------------------------------------------------------------------------- decode
+
+
+@dataclass
+class Loaded:
+    """One input after read + decode (``image`` None when it failed)."""
+
+    file: PlannedFile
+    row: dict[str, Any]
+    image: DecodedImage | None = None
+    reference: np.ndarray | None = None
+
+
+def _read_and_decode(job: ShardJob, cfg: Config, file: PlannedFile) -> Loaded:
+    source = join(job.input_uri, file.rel_path)
+    row: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "run_id": job.run_id, "dataset": job.dataset,
+        "shard": job.shard.index, "rel_path": file.rel_path, "source_uri": source,
+        "size_bytes": file.size, "status": "ok",
+    }
+    loaded = Loaded(file=file, row=row)
+    t0 = time.perf_counter()
+    try:
+        fs, path = filesystem(source)
+        data = fs.cat_file(path)
+    except Exception as exc:  # unreadable: permissions, vanished, I/O error
+        row.update(status="error", error=f"unreadable: {type(exc).__name__}: {exc}")
+        return loaded
+    row["size_bytes"] = len(data)
+    row["sha256"] = hashlib.sha256(data).hexdigest()
+    if file.out_error:
+        row.update(status="error", error=file.out_error)
+        return loaded
+    try:
+        image = decode_image(data, apply_exif=cfg.apply_exif, max_pixels=cfg.max_pixels)
+    except DecodeError as exc:
+        row.update(status="error", error=str(exc))
+        return loaded
+    except Exception as exc:  # a decoder bug must still give a row, never a crash
+        row.update(status="error", error=f"decode failed: {type(exc).__name__}: {exc}")
+        return loaded
+    row.update(width=image.width, height=image.height, exif_applied=image.exif_applied)
+    row["decode_ms"] = (time.perf_counter() - t0) * 1000
+    loaded.image = image
+    if cfg.reference:
+        loaded.reference = _load_reference(cfg, file.rel_path, image)
+    return loaded
+
+
+def _load_reference(cfg: Config, rel_path: str, image: DecodedImage) -> np.ndarray | None:
+    """The clean image for full-reference measures, or None (absent, unreadable, other size)."""
+    try:
+        fs, path = filesystem(join(cfg.reference, rel_path))
+        ref = decode_image(fs.cat_file(path), apply_exif=cfg.apply_exif,
+                           max_pixels=cfg.max_pixels)
+    except (FileNotFoundError, DecodeError, OSError) as exc:
+        log.warning("reference for %s unusable: %s", rel_path, exc)
+        return None
+    if (ref.height, ref.width) != (image.height, image.width):
+        log.warning("reference for %s has another size (%dx%d vs %dx%d); skipped", rel_path,
+                    ref.width, ref.height, image.width, image.height)
+        return None
+    return ref.pixels
+
+
+def _decoded_stream(job: ShardJob, cfg: Config, pool: ThreadPoolExecutor,
+                    window: int) -> Iterator[Loaded]:
+    """Read + decode ahead in ``pool``, at most ``window`` images in flight, input order."""
+    files = list(job.shard.files)
+    pending: list[Future[Loaded]] = []
+    next_index = 0
+    while next_index < len(files) or pending:
+        while next_index < len(files) and len(pending) < window:
+            pending.append(pool.submit(_read_and_decode, job, cfg, files[next_index]))
+            next_index += 1
+        yield pending.pop(0).result()
+
+
+# --------------------------------------------------------------------------- compute
+
+
+def _to_batch(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    return batch.contiguous()
+
+
+def _downscale(images: torch.Tensor, max_side: int | None) -> torch.Tensor:
+    if not max_side:
+        return images
+    h, w = images.shape[-2:]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return images
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(images, size=size, mode="area")
+
+
+def _measure(metric: Metric, images: torch.Tensor, max_side: int | None,
+             reference: torch.Tensor | None = None) -> list[float | None]:
+    if metric.info.source == "pyiqa":  # learned / pyiqa measures see the capped size
+        images = _downscale(images, max_side)
+        reference = None if reference is None else _downscale(reference, max_side)
+    values = metric(images, reference) if metric.info.needs_reference else metric(images)
+    return [None if not np.isfinite(v) else float(v)
+            for v in values.detach().double().cpu().numpy()]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_batch(batch: list[Loaded], stages: Stages, cfg: Config) -> list[np.ndarray | None]:
+    """Prior, enhancer and measures for images of one size; fills rows, returns outputs."""
+    device = stages.device
+    n = len(batch)
+    images = _to_batch([item.image.pixels for item in batch], device)
+    rows = [item.row for item in batch]
+    try:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            scores = stages.prior.score(images)
+            _sync(device)
+            t1 = time.perf_counter()
+            result = None
+            if stages.enhancer is not None:
+                result = stages.enhancer.enhance(images, scores.visibility, scores.blur)
+                _sync(device)
+            t2 = time.perf_counter()
+            outputs = None if result is None else result.images.clamp(0, 1)
+            quality = _quality(batch, images, outputs, stages, cfg)
+            t3 = time.perf_counter()
+    except Exception as exc:
+        raise StageError(f"stage failed on a batch of {n} ({batch[0].file.rel_path} ...): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    visibility = scores.visibility.float().cpu().tolist()
+    blur = scores.blur.float().cpu().tolist()
+    for i, row in enumerate(rows):
+        row.update(prior_backend=stages.prior.backend, prior_model=stages.prior.model,
+                   visibility=visibility[i], blur=blur[i],
+                   prior_ms=(t1 - t0) * 1000 / n, enhance_ms=(t2 - t1) * 1000 / n,
+                   quality_ms=(t3 - t2) * 1000 / n, iqa_max_side=cfg.iqa_max_side)
+        row.update(quality[i])
+    if result is None:
+        return [None] * n
+    n_iter = None if result.n_iter is None else result.n_iter.cpu().tolist()
+    strength = None if result.phase_strength is None else result.phase_strength.cpu().tolist()
+    for i, row in enumerate(rows):
+        row.update(enhancer=stages.enhancer.name, enhancer_version=stages.enhancer.version,
+                   route=result.route[i],
+                   n_iter=None if n_iter is None else int(n_iter[i]),
+                   phase_strength=None if strength is None else float(strength[i]))
+    pixels = outputs.permute(0, 2, 3, 1).float().cpu().numpy()
+    return list(pixels)
+
+
+def _quality(batch: list[Loaded], images: torch.Tensor, outputs: torch.Tensor | None,
+             stages: Stages, cfg: Config) -> list[dict[str, float | None]]:
+    n = len(batch)
+    per_row: list[dict[str, float | None]] = [{} for _ in range(n)]
+    for name, metric in stages.metrics.items():
+        for side, tensor in (("in", images), ("out", outputs)):
+            if tensor is None:
+                continue
+            for i, value in enumerate(_measure(metric, tensor, cfg.iqa_max_side)):
+                per_row[i][f"q_{name}_{side}"] = value
+    if stages.reference_metrics:
+        have = [i for i, item in enumerate(batch) if item.reference is not None]
+        if have:
+            ref = _to_batch([batch[i].reference for i in have], stages.device)
+            idx = torch.tensor(have, device=stages.device)
+            for name, metric in stages.reference_metrics.items():
+                for side, tensor in (("in", images), ("out", outputs)):
+                    if tensor is None:
+                        continue
+                    values = _measure(metric, tensor.index_select(0, idx), cfg.iqa_max_side, ref)
+                    for i, value in zip(have, values, strict=True):
+                        per_row[i][f"q_{name}_{side}"] = value
+    return per_row
+
+
+# --------------------------------------------------------------------------- write
+
+
+def _write_enhanced(store: RunStore, item: Loaded, pixels: np.ndarray, quality: int) -> None:
+    row = item.row
+    try:
+        uri = store.enhanced_uri(item.file.out_rel_path)
+        data = encode_image(pixels, item.file.out_format, quality)
+        fs, path = filesystem(uri)
+        parent = path.rsplit("/", 1)[0]
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(path, data)
+        row["enhanced_uri"] = uri
+    except Exception as exc:  # a write failure is this image's error, not the shard's
+        row.update(status="error", error=f"write failed: {type(exc).__name__}: {exc}")
+
+
+def process_shard(job: ShardJob, progress: ProgressCallback | None = None) -> ShardResult:
+    """Run one shard end to end: images, then its Parquet file, then its done marker."""
+    cfg = Config(**job.config)
+    stages = get_stages(cfg)
+    store = RunStore(job.output_uri, job.run_id)
+    metric_names = cfg.quality_metric_names()
+    started = time.perf_counter()
+    worker, device = worker_name(), str(stages.device)
+    rows: list[dict[str, Any]] = []
+    buckets: dict[tuple[int, int], list[Loaded]] = defaultdict(list)
+    window = max(cfg.batch_size * 2, cfg.decode_threads * 2)
+    write_jobs: list[Future] = []
+
+    def finish(items: list[Loaded]) -> None:
+        errors = sum(item.row["status"] == "error" for item in items)
+        for item in items:
+            item.row.update(worker=worker, device=device)
+            rows.append(item.row)
+        if progress is not None:
+            progress(len(items), errors)
+
+    def flush(key: tuple[int, int]) -> None:
+        batch = buckets.pop(key)
+        outputs = _run_batch(batch, stages, cfg)
+        for item, pixels in zip(batch, outputs, strict=True):
+            item.image = item.reference = None  # free memory early
+            if pixels is not None:
+                write_jobs.append(io_pool.submit(_write_enhanced, store, item, pixels,
+                                                 cfg.quality))
+        finish(batch)
+
+    with ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode") as io_pool:
+        for item in _decoded_stream(job, cfg, io_pool, window):
+            if item.image is None:
+                finish([item])
+                continue
+            key = (item.image.height, item.image.width)
+            buckets[key].append(item)
+            if len(buckets[key]) >= cfg.batch_size:
+                flush(key)
+            elif sum(len(b) for b in buckets.values()) >= window:
+                flush(max(buckets, key=lambda k: len(buckets[k])))  # bound memory
+        for key in list(buckets):
+            flush(key)
+        for fut in write_jobs:
+            fut.result()
+
+    processed_at = datetime.now(UTC)
+    for row in rows:
+        row["processed_at"] = processed_at
+    rows.sort(key=lambda r: r["rel_path"])
+    parquet_uri = store.scores_uri(job.dataset, job.shard.index)
+    write_rows(rows, metric_names, parquet_uri)
+    stage_ms = {
+        k: float(sum(r.get(k) or 0.0 for r in rows))
+        for k in ("decode_ms", "prior_ms", "enhance_ms", "quality_ms")
+    }
+    result = ShardResult(
+        shard=job.shard.index, rows=len(rows),
+        errors=sum(r["status"] == "error" for r in rows), parquet_uri=parquet_uri,
+        seconds=time.perf_counter() - started, worker=worker, device=device, stage_ms=stage_ms,
+    )
+    store.write_marker(job.shard.index, result.as_marker())
+    return result

@@ -1,0 +1,82 @@
+"""Shard plans: consecutive chunks of the listing, stored in the run manifest.
+
+A resumed run uses the plan stored in its manifest (``plan_from_json``), never a new
+listing, so shard ``i`` always holds the same files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+_OPTIONAL = ("out_rel_path", "out_format", "out_error")
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One input file of a plan and, when decided up front, its enhanced output name.
+
+    ``out_error`` is set when no output name can be used (e.g. a collision a format change
+    would cause); the file still gets an error row, never an overwrite.
+    """
+
+    rel_path: str
+    size: int
+    out_rel_path: str | None = None
+    out_format: str | None = None
+    out_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    files: tuple[PlannedFile, ...]
+
+
+def plan_shards(files: Sequence[PlannedFile], shard_size: int) -> list[Shard]:
+    """Consecutive chunks of ``shard_size`` files in listing order; indices from 0."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
+    files = tuple(files)
+    return [
+        Shard(index=i, files=files[start:start + shard_size])
+        for i, start in enumerate(range(0, len(files), shard_size))
+    ]
+
+
+def _file_to_json(f: PlannedFile) -> dict[str, Any]:
+    out: dict[str, Any] = {"rel_path": f.rel_path, "size": f.size}
+    for key in _OPTIONAL:  # omitted when None: keeps big manifests small
+        value = getattr(f, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def plan_to_json(shards: Iterable[Shard]) -> list[dict[str, Any]]:
+    """JSON-ready plan: ``[{"index": i, "files": [{"rel_path", "size", ...}]}]``."""
+    return [{"index": s.index, "files": [_file_to_json(f) for f in s.files]} for s in shards]
+
+
+def plan_from_json(data: Iterable[dict[str, Any]]) -> list[Shard]:
+    """Inverse of :func:`plan_to_json` (exact round trip); a malformed plan is a ValueError."""
+    shards: list[Shard] = []
+    for pos, item in enumerate(data):
+        try:
+            index = int(item["index"])
+            files = tuple(
+                PlannedFile(
+                    rel_path=str(f["rel_path"]),
+                    size=int(f["size"]),
+                    **{k: f.get(k) for k in _OPTIONAL},
+                )
+                for f in item["files"]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed shard plan entry #{pos}: {exc!r}") from None
+        shards.append(Shard(index=index, files=files))
+    indices = [s.index for s in shards]
+    if len(set(indices)) != len(indices):
+        raise ValueError("malformed shard plan: duplicate shard indices")
+    return shards

@@ -1,0 +1,586 @@
+"""The run store: where a run's outputs, manifest, markers and lock live (DESIGN.md).
+
+Layout under the output URI ``<out>`` (any fsspec URI)::
+
+    <out>/scores/<dataset>/<run_id>/shard-NNNNN.parquet
+    <out>/enhanced/<run_id>/<relative path>
+    <out>/runs/<run_id>/manifest.json        input, effective config, shard plan
+    <out>/runs/<run_id>/done/shard-NNNNN.json    written last, per shard: the truth of "done"
+    <out>/runs/<run_id>/failed/shard-NNNNN.json  a shard that failed after its retries
+    <out>/runs/<run_id>/lock.json            held while a run is live
+
+JSON files are small and written whole: temp + rename on a local disk, one PUT remotely.
+Reads drop fsspec's listing cache first, since another process may have written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from varlide.storage.uri import filesystem, join, safe_relpath
+
+log = logging.getLogger(__name__)
+
+SHARD_NAME = "shard-{:05d}"
+_SHARD_JSON = re.compile(r"^shard-(\d+)\.json$")
+
+
+class RunLockedError(RuntimeError):
+    """Another live run holds the run's lock; the message names the holder and the lock."""
+
+    def __init__(self, message: str, holder: dict[str, Any] | None = None, lock_uri: str = ""):
+        super().__init__(message)
+        self.holder = holder or {}
+        self.lock_uri = lock_uri
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _single_component(value: str, what: str) -> str:
+    norm = safe_relpath(value)
+    if "/" in norm or norm != value:
+        raise ValueError(f"{what} must be a single plain path component, got {value!r}")
+    return norm
+
+
+def _fs(uri: str):
+    """(fs, path) with any cached listing for ``path`` dropped (another process may write)."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols
+
+
+def _write_bytes(uri: str, data: bytes) -> None:
+    """Write a small object whole: temp + rename locally, one PUT elsewhere."""
+    fs, path = filesystem(uri)
+    if _is_local(fs):
+        parent, _, name = path.rpartition("/")
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)
+        fs.invalidate_cache(path)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, allow_nan=False).encode()
+
+
+def _write_json(uri: str, obj: Any) -> None:
+    _write_bytes(uri, _dumps(obj))
+
+
+def _read_json(uri: str) -> Any:
+    fs, path = _fs(uri)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"not found: {uri}") from None
+    return json.loads(data)
+
+
+def _rm_missing_ok(uri: str) -> None:
+    fs, path = _fs(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+    fs.invalidate_cache(path)
+
+
+class RunStore:
+    """Paths and small JSON records of one run under an output URI.
+
+    The lock token lives on the instance: call :meth:`heartbeat` and :meth:`clear` on the
+    instance that acquired the lock.
+    """
+
+    def __init__(self, output_uri: str, run_id: str):
+        self.output_uri = output_uri
+        self.run_id = _single_component(run_id, "run id")
+        self.run_uri = join(output_uri, "runs", self.run_id)
+        self._token: str | None = None
+        self._lock_record: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.output_uri!r}, {self.run_id!r})"
+
+    # ---- paths -------------------------------------------------------------------------
+    @property
+    def manifest_uri(self) -> str:
+        return join(self.run_uri, "manifest.json")
+
+    @property
+    def lock_uri(self) -> str:
+        return join(self.run_uri, "lock.json")
+
+    @property
+    def done_uri(self) -> str:
+        return join(self.run_uri, "done")
+
+    @property
+    def failed_dir_uri(self) -> str:
+        return join(self.run_uri, "failed")
+
+    def marker_uri(self, shard: int) -> str:
+        return join(self.done_uri, SHARD_NAME.format(_shard(shard)) + ".json")
+
+    def failed_uri(self, shard: int) -> str:
+        return join(self.failed_dir_uri, SHARD_NAME.format(_shard(shard)) + ".json")
+
+    def scores_dir_uri(self, dataset: str) -> str:
+        return join(self.output_uri, "scores", _single_component(dataset, "dataset"), self.run_id)
+
+    def scores_uri(self, dataset: str, shard: int) -> str:
+        """``<out>/scores/<dataset>/<run_id>/shard-NNNNN.parquet``."""
+        return join(self.scores_dir_uri(dataset), SHARD_NAME.format(_shard(shard)) + ".parquet")
+
+    @property
+    def enhanced_root_uri(self) -> str:
+        return join(self.output_uri, "enhanced", self.run_id)
+
+    def enhanced_uri(self, rel_out: str) -> str:
+        """``<out>/enhanced/<run_id>/<rel>``; UnsafePathError for ``..``/absolute paths."""
+        return join(self.enhanced_root_uri, rel_out)
+
+    # ---- manifest ----------------------------------------------------------------------
+    def exists(self) -> bool:
+        """True when the run's manifest exists."""
+        fs, path = _fs(self.manifest_uri)
+        return fs.exists(path)
+
+    def write_manifest(self, manifest: dict) -> None:
+        _write_json(self.manifest_uri, manifest)
+
+    def read_manifest(self) -> dict:
+        try:
+            return _read_json(self.manifest_uri)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"run {self.run_id!r} has no manifest at {self.manifest_uri}"
+            ) from None
+
+    # ---- markers -----------------------------------------------------------------------
+    def write_marker(self, shard: int, info: dict) -> None:
+        """Mark a shard done (written last, after its Parquet); drops its failure marker."""
+        record = {"shard": _shard(shard), "finished_at": _now_iso(), **info}
+        _write_json(self.marker_uri(shard), record)
+        _rm_missing_ok(self.failed_uri(shard))
+
+    def write_failure(self, shard: int, error: str) -> None:
+        """Record that a shard failed after its retries (``failed/shard-NNNNN.json``)."""
+        record = {
+            "shard": _shard(shard),
+            "error": str(error),
+            "failed_at": _now_iso(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        _write_json(self.failed_uri(shard), record)
+
+    def done_shards(self) -> set[int]:
+        """Shard indices with a done marker (from the listing alone; no object reads)."""
+        return set(_list_shard_files(self.done_uri))
+
+    def read_markers(self) -> dict[int, dict]:
+        return _read_shard_files(self.done_uri)
+
+    def read_failures(self) -> dict[int, dict]:
+        return _read_shard_files(self.failed_dir_uri)
+
+    # ---- lock --------------------------------------------------------------------------
+    @property
+    def holds_lock(self) -> bool:
+        return self._token is not None
+
+    def read_lock(self) -> dict | None:
+        """The current lock record, or None when there is none."""
+        try:
+            return _read_json(self.lock_uri)
+        except FileNotFoundError:
+            return None
+
+    def _new_lock_record(self, owner: str | None) -> dict[str, Any]:
+        host = socket.gethostname()
+        pid = os.getpid()
+        now = time.time()
+        since = _now_iso()
+        return {
+            "run_id": self.run_id,
+            "owner": owner or f"{host}:{pid}",
+            "host": host,
+            "pid": pid,
+            "token": uuid.uuid4().hex,
+            "since": since,
+            "heartbeat": since,
+            "heartbeat_ts": now,
+        }
+
+    def _locked_error(self, holder: dict[str, Any], age: float | None, stale_after_s: float):
+        age_s = "unknown" if age is None else f"{age:.0f}s ago"
+        return RunLockedError(
+            f"run {self.run_id!r} is locked by {holder.get('owner', '?')} "
+            f"(host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+            f"since {holder.get('since', '?')}, last heartbeat {age_s}); lock: {self.lock_uri}. "
+            f"If that run is dead, the lock goes stale after {stale_after_s:.0f}s without a "
+            f"heartbeat, or delete the lock object.",
+            holder=holder,
+            lock_uri=self.lock_uri,
+        )
+
+    def acquire(self, owner: str | None = None, stale_after_s: float = 6 * 3600) -> dict:
+        """Take the run's lock; RunLockedError if another live run holds it.
+
+        A lock whose heartbeat is older than ``stale_after_s`` is taken over (a warning is
+        logged). Returns the lock record written.
+
+        Local disks: the lock file is created with ``O_CREAT | O_EXCL``, so two processes
+        cannot both create it; a stale lock is renamed aside (atomic) and checked to be the
+        stale one before a new one is created. Object stores: the lock is created with a
+        conditional PUT (``If-None-Match: *``; AWS S3, MinIO and moto honour it) and then
+        read back and its token compared, which also catches a store that ignores the
+        condition. Remaining race: two processes taking over the *same stale* lock on an
+        object store at the same moment may both read back their own token (PUT A, read A,
+        PUT B, read B); and a store that ignores the condition has the same window for a
+        fresh lock. Both need two starts of one run id within a request's latency. Staleness
+        compares wall clocks of different hosts, so keep ``stale_after_s`` far above skew.
+        """
+        if self._token is not None:
+            raise RuntimeError(f"{self!r} already holds its lock {self.lock_uri}")
+        fs, path = filesystem(self.lock_uri)
+        local = _is_local(fs)
+        for _attempt in range(3):
+            record = self._new_lock_record(owner)
+            data = _dumps(record)
+            if self._create_exclusive(fs, path, data, local):
+                if not local and not self._readback_ok(record["token"]):
+                    holder = self.read_lock() or {}
+                    raise self._locked_error(holder, _lock_age(holder), stale_after_s)
+                self._token, self._lock_record = record["token"], record
+                return record
+            holder = self._read_lock_retrying(fs, path)
+            if holder is None:
+                continue  # released meanwhile: try again
+            age = _lock_age(holder, fs=fs, path=path)
+            if age is not None and age <= stale_after_s:
+                raise self._locked_error(holder, age, stale_after_s)
+            log.warning(
+                "taking over stale lock %s held by %s (host %s, pid %s, last heartbeat %s)",
+                self.lock_uri, holder.get("owner"), holder.get("host"), holder.get("pid"),
+                holder.get("heartbeat"),
+            )
+            if local:
+                if not self._remove_stale_local(path, holder):
+                    holder = self.read_lock() or holder
+                    raise self._locked_error(holder, _lock_age(holder), stale_after_s)
+                continue  # now create it exclusively
+            fs.pipe_file(path, data)
+            fs.invalidate_cache(path)
+            if not self._readback_ok(record["token"]):
+                holder = self.read_lock() or {}
+                raise self._locked_error(holder, _lock_age(holder), stale_after_s)
+            self._token, self._lock_record = record["token"], record
+            return record
+        holder = self.read_lock() or {}
+        raise self._locked_error(holder, _lock_age(holder), stale_after_s)
+
+    @staticmethod
+    def _create_exclusive(fs, path: str, data: bytes, local: bool) -> bool:
+        """Create ``path`` only if absent; False when it exists."""
+        if local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return True
+        fs.invalidate_cache(path)
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError):  # a backend without exclusive create
+            if fs.exists(path):
+                return False
+            fs.pipe_file(path, data)
+        fs.invalidate_cache(path)
+        return True
+
+    def _readback_ok(self, token: str) -> bool:
+        current = self.read_lock()
+        return bool(current) and current.get("token") == token
+
+    def _read_lock_retrying(self, fs, path: str) -> dict | None:
+        """Read an existing lock; a half-written local one is retried briefly."""
+        for _ in range(20):
+            try:
+                return _read_json(self.lock_uri)
+            except FileNotFoundError:
+                return None
+            except ValueError:  # being written (local O_EXCL create, then write)
+                time.sleep(0.05)
+        # Unreadable for a second: judge it by its modification time.
+        return {"owner": "unknown (unreadable lock)", "mtime": fs.modified(path).timestamp()}
+
+    def _remove_stale_local(self, path: str, stale: dict) -> bool:
+        """Move the stale lock aside atomically; False if a live one replaced it meanwhile."""
+        aside = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return True  # someone else removed it; we race on the O_EXCL create next
+        try:
+            with open(aside, "rb") as fh:
+                moved = json.loads(fh.read() or b"{}")
+        except ValueError:
+            moved = {}
+        if moved.get("token") != stale.get("token"):
+            # We moved a fresh lock someone just created: put it back (no clobber).
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)
+            os.unlink(aside)
+            return False
+        os.unlink(aside)
+        return True
+
+    def release(self) -> None:
+        """Delete the lock if it is still ours (a taken-over lock is left alone)."""
+        token, self._token, self._lock_record = self._token, None, None
+        if token is None:
+            return
+        current = self.read_lock()
+        if current is None:
+            log.warning("lock %s was already gone at release", self.lock_uri)
+            return
+        if current.get("token") != token:
+            log.warning(
+                "lock %s was taken over by %s (host %s, pid %s); leaving it",
+                self.lock_uri, current.get("owner"), current.get("host"), current.get("pid"),
+            )
+            return
+        _rm_missing_ok(self.lock_uri)
+
+    @contextlib.contextmanager
+    def lock(
+        self, owner: str | None = None, stale_after_s: float = 6 * 3600
+    ) -> Iterator[dict]:
+        """``with store.lock(): ...`` acquires the run's lock and releases it on exit."""
+        record = self.acquire(owner=owner, stale_after_s=stale_after_s)
+        try:
+            yield record
+        finally:
+            self.release()
+
+    def heartbeat(self) -> None:
+        """Refresh the held lock's heartbeat; RunLockedError if it was taken over.
+
+        A no-op when this instance holds no lock (e.g. a run started without one).
+        """
+        if self._token is None or self._lock_record is None:
+            return
+        current = self.read_lock()
+        if current is None or current.get("token") != self._token:
+            holder = current or {}
+            self._token, self._lock_record = None, None
+            raise RunLockedError(
+                f"lost the lock of run {self.run_id!r} ({self.lock_uri}): "
+                + (
+                    f"now held by {holder.get('owner')} (host {holder.get('host')}, "
+                    f"pid {holder.get('pid')}, since {holder.get('since')})"
+                    if holder else "it was deleted"
+                ),
+                holder=holder,
+                lock_uri=self.lock_uri,
+            )
+        record = {**self._lock_record, "heartbeat": _now_iso(), "heartbeat_ts": time.time()}
+        _write_json(self.lock_uri, record)
+        self._lock_record = record
+
+    # ---- fresh start -------------------------------------------------------------------
+    def clear(self, dataset: str, stale_after_s: float = 6 * 3600) -> None:
+        """Delete the run's scores, enhanced images and run records (``--fresh``).
+
+        Keeps a lock this instance holds (acquire it first); refuses with RunLockedError
+        while another process holds a live one. A stale lock is deleted with the rest.
+        """
+        if self._token is None:
+            holder = self.read_lock()
+            if holder is not None:
+                age = _lock_age(holder)
+                if age is None or age <= stale_after_s:
+                    raise self._locked_error(holder, age, stale_after_s)
+        for uri in (self.scores_dir_uri(dataset), self.enhanced_root_uri):
+            fs, path = _fs(uri)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            fs.invalidate_cache(path)
+        fs, run_path = _fs(self.run_uri)
+        if not fs.exists(run_path):
+            return
+        _, lock_path = filesystem(self.lock_uri)
+        keep = {lock_path} if self._token is not None else set()
+        victims = [p for p in fs.find(run_path) if p not in keep]
+        if victims:
+            fs.rm(victims)
+        fs.invalidate_cache(run_path)
+        if _is_local(fs):  # drop the now empty folders (object stores have none)
+            for root, dirs, _files in os.walk(run_path, topdown=False):
+                for d in dirs:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(os.path.join(root, d))
+            if not keep:
+                with contextlib.suppress(OSError):
+                    os.rmdir(run_path)
+
+
+def _shard(shard: int) -> int:
+    if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+        raise ValueError(f"shard index must be an integer >= 0, got {shard!r}")
+    return shard
+
+
+def _lock_age(holder: dict, fs=None, path: str | None = None) -> float | None:
+    """Seconds since the lock's last heartbeat (None when unknown)."""
+    ts = holder.get("heartbeat_ts") or holder.get("mtime")
+    if ts is None and holder.get("heartbeat"):
+        try:
+            ts = datetime.fromisoformat(holder["heartbeat"]).timestamp()
+        except (TypeError, ValueError):
+            ts = None
+    if ts is None and fs is not None and path is not None:
+        with contextlib.suppress(Exception):
+            ts = fs.modified(path).timestamp()
+    return None if ts is None else max(0.0, time.time() - float(ts))
+
+
+def _list_shard_files(dir_uri: str) -> dict[int, str]:
+    """{shard index: path} of the ``shard-NNNNN.json`` files directly in a folder."""
+    fs, path = _fs(dir_uri)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return {}
+    out: dict[int, str] = {}
+    for name in names:
+        m = _SHARD_JSON.match(name.rstrip("/").rsplit("/", 1)[-1])
+        if m:
+            out[int(m.group(1))] = name
+    return out
+
+
+def _read_shard_files(dir_uri: str) -> dict[int, dict]:
+    found = _list_shard_files(dir_uri)
+    if not found:
+        return {}
+    fs, _ = filesystem(dir_uri)
+    blobs = fs.cat(list(found.values()), on_error="omit")  # concurrent on object stores
+    out: dict[int, dict] = {}
+    for index, path in sorted(found.items()):
+        blob = blobs.get(path)
+        if blob is None:
+            continue  # deleted between listing and reading
+        try:
+            out[index] = json.loads(blob)
+        except ValueError:
+            log.warning("ignoring unreadable marker %s", path)
+    return out
+
+
+def list_run_ids(output_uri: str) -> list[str]:
+    """Run ids under ``<out>/runs/`` that have a manifest, sorted."""
+    runs_uri = join(output_uri, "runs")
+    fs, path = _fs(runs_uri)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    ids = []
+    for entry in entries:
+        if entry.get("type") != "directory":
+            continue
+        run_id = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if not run_id or run_id.startswith("."):
+            continue
+        if RunStore(output_uri, run_id).exists():
+            ids.append(run_id)
+    return sorted(ids)
+
+
+@dataclass
+class RunStatus:
+    """Where a run stands, from its manifest and markers only."""
+
+    run_id: str
+    dataset: str | None
+    input_uri: str | None
+    shards_total: int
+    done: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)  # failed and not done since
+    pending: list[int] = field(default_factory=list)  # neither done nor failed
+    rows: int = 0  # sum of the done markers' "rows"
+    errors: int = 0  # sum of the done markers' "errors"
+    images: int = 0  # files in the plan
+    created_at: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending and not self.failed
+
+
+def run_status(output_uri: str, run_id: str) -> RunStatus:
+    """Status of a run from its manifest and markers (FileNotFoundError if no manifest)."""
+    store = RunStore(output_uri, run_id)
+    manifest = store.read_manifest()
+    plan = manifest.get("plan") or []
+    indices = sorted(int(s["index"]) for s in plan)
+    images = sum(len(s.get("files") or ()) for s in plan)
+    markers = store.read_markers()
+    failures = store.read_failures()
+    done = [i for i in indices if i in markers]
+    failed = [i for i in indices if i in failures and i not in markers]
+    pending = [i for i in indices if i not in markers and i not in failures]
+    return RunStatus(
+        run_id=run_id,
+        dataset=manifest.get("dataset"),
+        input_uri=manifest.get("input_uri"),
+        shards_total=len(indices),
+        done=done,
+        failed=failed,
+        pending=pending,
+        rows=sum(int(markers[i].get("rows") or 0) for i in done),
+        errors=sum(int(markers[i].get("errors") or 0) for i in done),
+        images=images,
+        created_at=manifest.get("created_at"),
+    )

@@ -1,0 +1,121 @@
+"""MLflow helpers: one MLflow run per varlide run id, resumed when the run id comes back.
+
+The tracking URI comes from ``MLFLOW_TRACKING_URI`` (default: a SQLite file ``mlflow.db`` in
+the working directory). Output-changing config goes in as params (they cannot change within
+a run id); execution details (workers, device, ...) go in as tags, which may change on a
+resume. Run metrics are logged from the summary of all shards' Parquet. Nothing here reads
+credentials, and URIs are redacted before they are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RUN_ID_TAG = "varlide.run_id"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Drop ``user:secret@`` from URIs so no credential reaches a log or a param."""
+    return _CREDENTIALS.sub(r"\g<scheme>***@", text)
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(_flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return {prefix: redact(str(value))[:6000]}
+
+
+class RunTracker:
+    """The MLflow side of one varlide run (created or resumed by run id)."""
+
+    def __init__(self, experiment: str, varlide_run_id: str) -> None:
+        from mlflow.entities import RunStatus
+
+        self._status = RunStatus
+        self.client = _client()
+        self.experiment_id = _experiment_id(self.client, experiment)
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{varlide_run_id}'",
+            max_results=1,
+        )
+        self.resumed = bool(found)
+        if found:
+            self.mlflow_run_id = found[0].info.run_id
+            self.client.update_run(self.mlflow_run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=varlide_run_id,
+                                         tags={RUN_ID_TAG: varlide_run_id})
+            self.mlflow_run_id = run.info.run_id
+
+    @property
+    def url(self) -> str:
+        return f"{redact(tracking_uri())} experiment {self.experiment_id} run {self.mlflow_run_id}"
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params once per run; on a resume, differing values are kept as they were."""
+        from mlflow.entities import Param
+
+        flat = _flatten("", params)
+        existing = self.client.get_run(self.mlflow_run_id).data.params
+        new = [Param(k, v) for k, v in flat.items() if k not in existing]
+        changed = [k for k, v in flat.items() if k in existing and existing[k] != v]
+        if changed:
+            log.warning("MLflow params differ from the run's first start; kept: %s", changed)
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.mlflow_run_id, params=new[i:i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in _flatten("", tags).items():
+            self.client.set_tag(self.mlflow_run_id, k, v)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v is not None and v == v]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.mlflow_run_id, metrics=items[i:i + 500])
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.mlflow_run_id, data, artifact_file)
+
+    def finish(self, ok: bool) -> None:
+        self.client.set_terminated(self.mlflow_run_id, status="FINISHED" if ok else "FAILED")
