@@ -424,3 +424,29 @@ def test_write_rows_read_table_schema_stable(root):
     assert all(not name.startswith(".") for name in all_files(f"{root}/scores"))
     with pytest.raises(KeyError, match="not_a_column"):
         write_rows([{"not_a_column": 1}], metrics, uri)
+
+
+def test_lock_of_a_dead_process_on_this_host_is_taken_over(root):
+    """A crash (kill -9) must not block the re-run until the heartbeat goes stale."""
+    import socket
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(proc.stdout)
+    now = datetime.now(UTC).isoformat()
+    put(RunStore(root, "r2").lock_uri, json.dumps({
+        "owner": "crashed", "host": socket.gethostname(), "pid": dead_pid, "token": "t-dead",
+        "since": now, "heartbeat": now, "heartbeat_ts": time.time(),
+    }).encode())
+    store = RunStore(root, "r2")
+    store.acquire()
+    assert store.read_lock()["token"] != "t-dead"
+    store.release()
+    # a live holder on this host (ourselves, another store) still blocks
+    first = RunStore(root, "r2")
+    first.acquire(owner="alive")
+    with pytest.raises(RunLockedError, match="alive"):
+        RunStore(root, "r2").acquire()
+    first.release()

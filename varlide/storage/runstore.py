@@ -115,6 +115,29 @@ def _rm_missing_ok(uri: str) -> None:
     fs.invalidate_cache(path)
 
 
+def _holder_is_dead(holder: dict[str, Any]) -> bool:
+    """True when the lock's holder ran on this host and its process is gone (a crash).
+
+    A re-run after a crash must not wait for the heartbeat to go stale; on other hosts we
+    cannot tell, so only the heartbeat decides there.
+    """
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(holder.get("pid"))
+    except (TypeError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class RunStore:
     """Paths and small JSON records of one run under an output URI.
 
@@ -289,7 +312,7 @@ class RunStore:
             if holder is None:
                 continue  # released meanwhile: try again
             age = _lock_age(holder, fs=fs, path=path)
-            if age is not None and age <= stale_after_s:
+            if age is not None and age <= stale_after_s and not _holder_is_dead(holder):
                 raise self._locked_error(holder, age, stale_after_s)
             log.warning(
                 "taking over stale lock %s held by %s (host %s, pid %s, last heartbeat %s)",
