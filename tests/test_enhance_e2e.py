@@ -288,3 +288,49 @@ def test_no_credentials_leak(s3_bucket, tmp_path, mlflow_sqlite, caplog):
     assert secret not in blob and secret not in caplog.text
     assert secret not in json.dumps(summary, default=str)
     assert secret not in Path(tmp_path).joinpath("mlflow.db").read_bytes().decode("latin-1")
+
+
+def test_format_change_collision_is_an_error_row_and_jpeg_output(tmp_path, mlflow_sqlite):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    Image.fromarray(make_rgb(32, 32, seed=1, scale=0.2)).save(inp / "a.png")
+    Image.fromarray(make_rgb(32, 32, seed=2, scale=0.2)).save(inp / "a.tif")
+    Image.fromarray(make_rgb(32, 32, seed=3, scale=0.2)).save(inp / "b.bmp")
+    summary = _run(str(inp), str(out))
+    df = _scores(str(out)).set_index("rel_path")
+    assert df.loc["a.png", "status"] == "ok" and df.loc["b.bmp", "status"] == "ok"
+    assert df.loc["a.tif", "status"] == "error" and "a.png" in df.loc["a.tif", "error"]
+    enhanced = out / "enhanced" / summary["run_id"]
+    assert sorted(p.name for p in enhanced.iterdir()) == ["a.png", "b.png"]
+    with Image.open(enhanced / "a.png") as im:  # a.png's own output, not overwritten
+        assert np.abs(np.asarray(im, dtype=float).mean() / 255
+                      - df.loc["a.png", "q_brightness_out"]).max() < 0.02
+
+    out2 = tmp_path / "out2"
+    summary2 = _run(str(inp), str(out2), format="jpeg", quality=80)
+    assert summary2["run_id"] != summary["run_id"]  # the format changes outputs, so the run id
+    names = sorted(p.name for p in (out2 / "enhanced" / summary2["run_id"]).iterdir())
+    assert names == ["b.jpg"]  # a.png and a.tif both change name to a.jpg: both refused
+    df2 = _scores(str(out2)).set_index("rel_path")
+    assert (df2.loc[["a.png", "a.tif"], "status"] == "error").all()
+    assert df2.loc[["a.png", "a.tif"], "error"].str.contains("collid|collision").all()
+
+
+def test_prefect_artifacts_and_parallel_workers(tmp_path, mlflow_sqlite):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    rels = _corpus(str(inp), n=6)
+    summary = _run(str(inp), str(out), shard_size=2, workers=3)
+    df = _scores(str(out))
+    assert sorted(df["rel_path"]) == rels and summary["complete"]
+    with get_client(sync_client=True) as client:
+        keys = [f"varlide-progress-{summary['run_id']}", f"varlide-summary-{summary['run_id']}"]
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=keys)))
+    by_type = {a.type: a for a in arts}
+    assert set(by_type) == {"progress", "table"}
+    table = by_type["table"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert table[0]["images"] == 6 and table[0]["errors"] == 0

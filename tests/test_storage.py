@@ -450,3 +450,17 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(root):
     with pytest.raises(RunLockedError, match="alive"):
         RunStore(root, "r2").acquire()
     first.release()
+
+
+def test_s3_keys_that_escape_the_prefix_are_refused_loudly(s3_bucket, caplog):
+    import os
+
+    import boto3
+    bucket = s3_bucket.removeprefix("s3://")
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for key in ("in/ok.png", "in/../evil.png", "in/a/../../evil2.png"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    with caplog.at_level(logging.WARNING, logger="varlide.storage.listing"):
+        files = list_corpus(f"{s3_bucket}/in")
+    assert [f.rel_path for f in files] == ["ok.png"]
+    assert "evil.png" in caplog.text and "evil2.png" in caplog.text

@@ -41,7 +41,7 @@ from varlide.priors.base import Prior, create_prior
 from varlide.storage.plan import PlannedFile, Shard
 from varlide.storage.results import SCHEMA_VERSION, write_rows
 from varlide.storage.runstore import RunStore
-from varlide.storage.uri import filesystem, join
+from varlide.storage.uri import UnsafePathError, filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +161,19 @@ class Loaded:
 
 
 def _read_and_decode(job: ShardJob, cfg: Config, file: PlannedFile) -> Loaded:
-    source = join(job.input_uri, file.rel_path)
     row: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "run_id": job.run_id, "dataset": job.dataset,
-        "shard": job.shard.index, "rel_path": file.rel_path, "source_uri": source,
-        "size_bytes": file.size, "status": "ok",
+        "shard": job.shard.index, "rel_path": file.rel_path, "size_bytes": file.size,
+        "status": "ok",
     }
     loaded = Loaded(file=file, row=row)
     t0 = time.perf_counter()
+    try:
+        source = join(job.input_uri, file.rel_path)
+    except UnsafePathError as exc:  # a key like 'a/../../x.png' on an object store
+        row.update(status="error", error=str(exc))
+        return loaded
+    row["source_uri"] = source
     try:
         fs, path = filesystem(source)
         data = fs.cat_file(path)

@@ -19,6 +19,7 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from varlide.storage.uri import filesystem
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm"}
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ def list_corpus(
         if not name.startswith(prefix):  # defensive: a backend returning other paths
             continue
         rel = name[len(prefix):]
+        if ".." in rel.split("/") or rel.startswith("/"):
+            # an object key that would escape its root: refused, loudly (never silently)
+            log.warning("refusing object key that escapes %s: %r", uri, rel)
+            continue
         if not rel or is_hidden(rel) or not is_image_path(rel):
             continue
         if not keep_path(rel, include, exclude):
