@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check varlide flows tasks tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: $(STAMP)
@@ -28,7 +28,7 @@ demo: $(STAMP)
 	  $(VENV)/bin/varlide enhance $(DEMO)/corpus/lowlight $(DEMO)/out --reference $(DEMO)/corpus/reference
 
 lint: $(STAMP)
-	$(PY) -m ruff check varlide flows tasks tests benchmarks
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/pipeline.py
