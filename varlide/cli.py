@@ -2,7 +2,10 @@
 
     varlide enhance INPUT OUTPUT [options]   score (and enhance) a folder or bucket
     varlide status OUTPUT [--run ID]         shards done / pending / failed of a run
+    varlide query OUTPUT "SQL" [--run ID]    DuckDB SQL over the scores (view `scores`)
+    varlide report OUTPUT [--run ID]         a run's self-contained HTML report
     varlide demo-corpus OUT                  a small synthetic night-time corpus + references
+    varlide train DATA OUT                   zero-reference training of an enhancer
 """
 
 from __future__ import annotations
@@ -176,19 +179,145 @@ def cmd_demo_corpus(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train an enhancer without references on DATA",
+                       description="Unsupervised (zero-reference) training on any image corpus "
+                       "URI. Checkpoints go to OUT every K steps; re-running the same command "
+                       "resumes from the newest one. Curves, checkpoints and the final weights "
+                       "go to MLflow (experiment varlide-train).")
+    p.add_argument("data", help="folder or URI of training images (any exposure)")
+    p.add_argument("out", help="local folder for checkpoints and the final weights")
+    p.add_argument("--config", help="YAML of TrainConfig fields (varlide/training.py)")
+    p.add_argument("--enhancer", choices=["varlide-lite", "zero-dce"])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--crop", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--experiment", default="varlide-train")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from varlide.training import TrainConfig
+
+    fields: dict[str, Any] = {}
+    if args.config:
+        fields.update(yaml.safe_load(open(args.config)) or {})
+    for name in ("enhancer", "steps", "batch_size", "crop", "device"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if fields.get("enhancer") == "zero-dce":
+        fields.setdefault("loss", "zero-dce")
+    try:
+        cfg = TrainConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid training configuration: {exc}") from None
+    from flows.train import train_flow
+    from varlide.run import canonical_uri
+
+    summary = train_flow(canonical_uri(args.data), canonical_uri(args.out), cfg.as_dict(),
+                         args.experiment)
+    print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
+          f"({summary['steps_per_s']:.2f} steps/s); weights {summary['weights_uri']} "
+          f"(version {summary['version']}); MLflow run {summary['mlflow_run_id']}")
+    return EXIT_OK
+
+
+def _query_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("query", help="SQL (DuckDB) over the scores: the view `scores`",
+                       description="Run SQL over the score tables of OUTPUT with DuckDB. The "
+                       "rows of every run (or of one, --run) are the view `scores` (columns: "
+                       "docs/SCHEMA.md). Example: varlide query out \"SELECT route, count(*) "
+                       "FROM scores WHERE status = 'ok' GROUP BY route\"")
+    p.add_argument("output", help="the output store (a folder or s3://bucket/prefix)")
+    p.add_argument("sql", help="the SQL ('-' reads it from stdin)")
+    p.add_argument("--run", help="only this run id's rows in `scores`")
+    dest = p.add_mutually_exclusive_group()
+    dest.add_argument("--csv", metavar="FILE", help="write the result to FILE as CSV")
+    dest.add_argument("--parquet", metavar="FILE", help="write the result to FILE as Parquet")
+    p.add_argument("--max-rows", type=int, default=40, help="rows shown in the terminal")
+    p.set_defaults(func=cmd_query)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from varlide.analysis import AnalysisError, connect, export, run_sql, show
+
+    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    try:
+        rel = run_sql(connect(args.output, args.run), sql)
+        target = args.csv or args.parquet
+        if target:
+            rows = export(rel, target, "csv" if args.csv else "parquet")
+            print(f"wrote {rows} rows to {target}")
+        elif rel is None:
+            print("ok (the statement returns no rows)")
+        else:
+            show(rel, max_rows=args.max_rows)
+    except AnalysisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="a self-contained HTML report of a run",
+                       description="Write a run's report: counts and error reasons, "
+                       "histograms of v, b, n_iter, route and every quality measure before and "
+                       "after, v against brightness gain, thumbnail grids (worst, best, random). "
+                       "The figures also go to the run's MLflow run (tag varlide.run_id).")
+    p.add_argument("output", help="the output store of the run")
+    p.add_argument("--run", help="run id (default: the output's only run)")
+    p.add_argument("--out", metavar="FILE",
+                   help="where to write (default OUTPUT/runs/<run_id>/report.html)")
+    p.add_argument("--thumbs", type=int, default=8, help="images per thumbnail grid")
+    p.add_argument("--rank-by", metavar="MEASURE",
+                   help="rank thumbnails by this measure's improvement, or 'visibility' "
+                   "(default: piqe improvement, else another directed measure, else v)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random grid")
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_false",
+                   help="do not log the figures to MLflow")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from varlide.analysis import AnalysisError, build_report
+
+    try:
+        result = build_report(args.output, args.run, args.out, thumbs=args.thumbs,
+                              seed=args.seed, rank_by=args.rank_by, mlflow=args.mlflow)
+    except AnalysisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    c = result.counts
+    print(f"report of run {result.run_id}: {int(c.get('images', 0))} images, "
+          f"{int(c.get('ok', 0))} ok, {int(c.get('errors', 0))} errors, "
+          f"{len(result.figures)} figures")
+    print(f"  page    {result.uri}")
+    print(f"  mlflow  {'figures logged to ' if result.mlflow_run_id else 'not logged: '}"
+          f"{result.mlflow_note}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="varlide", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _enhance_parser(sub)
     _status_parser(sub)
+    _query_parser(sub)
+    _report_parser(sub)
     _demo_parser(sub)
+    _train_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Prefect's temporary server can take > 20 s to start on a loaded machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -30,6 +30,21 @@ DEFAULT_METRICS = (
     "piqe",
 )
 DEFAULT_REFERENCE_METRICS = ("psnr", "ssim")
+# CLIP prior prompt ensembles (varlide/priors/clip.py, docs/METHOD.md "Priors"): antonym
+# pairs, each [the attribute's high end, its low end]; v = P(first) for visibility pairs
+# (bright ...), b = P(first) for blur pairs (blurry ...), averaged over the pairs.
+DEFAULT_CLIP_VISIBILITY_PROMPTS = (
+    ("a bright photo.", "a dark photo."),
+    ("a well-lit photo.", "an underexposed photo."),
+    ("a photo with good lighting.", "a photo taken in low light."),
+    ("a clearly visible scene.", "a barely visible scene."),
+)
+DEFAULT_CLIP_BLUR_PROMPTS = (
+    ("a blurry photo.", "a sharp photo."),
+    ("an out-of-focus photo.", "an in-focus photo."),
+    ("a photo with motion blur.", "a crisp photo."),
+    ("blurry edges.", "sharp edges."),
+)
 
 
 class ConfigError(ValueError):
@@ -48,7 +63,16 @@ class Config(BaseModel):
     exclude: tuple[str, ...] = Field((), description="glob(s) on the relative path to drop")
     limit: int | None = Field(None, ge=1)
     # --- stages (change outputs) ---
-    prior: str = "analytic"
+    prior: str = Field("analytic", description="prior backend, or 'auto': the enhancer's own")
+    prior_model: str | None = Field(None, description="backend model, e.g. 'ViT-B-32:openai'")
+    prior_calibration: str | None = Field(None, description="calibration file onto the "
+                                          "enhancer's trained prior scale")
+    clip_visibility_prompts: tuple[tuple[str, str], ...] = Field(
+        DEFAULT_CLIP_VISIBILITY_PROMPTS, min_length=1,
+        description="clip prior: [bright, dark]-style pairs; v = P(first), pair mean")
+    clip_blur_prompts: tuple[tuple[str, str], ...] = Field(
+        DEFAULT_CLIP_BLUR_PROMPTS, min_length=1,
+        description="clip prior: [blurry, sharp]-style pairs; b = P(first), pair mean")
     enhancer: str = "classic-curve"
     enhancer_weights: str | None = Field(None, description="path/URI of enhancer weights")
     enhance: bool = Field(True, description="False: scores only, no enhanced images")
@@ -70,6 +94,22 @@ class Config(BaseModel):
     retry_delay_s: float = Field(2.0, ge=0)
     experiment: str = "varlide-enhance"
     progress: bool = True
+    # --- weights (do not change outputs; varlide/weights.py) ---
+    weights_cache: str | None = Field(None, description="varlide's weights cache (CLIP files, "
+                                      "calibrations, lock file); default ~/.cache/varlide")
+    weights_mirror: str | None = Field(None, description="URI a worker syncs its weights from "
+                                       "at start-up (written by `varlide weights mirror`)")
+    weights_online: bool = Field(False, description="let workers download missing weights "
+                                 "(default: offline, a missing file is an error)")
+
+    @field_validator("clip_visibility_prompts", "clip_blur_prompts", mode="before")
+    @classmethod
+    def _prompt_pairs(cls, value: Any) -> Any:
+        if isinstance(value, str):  # VARLIDE_CLIP_*_PROMPTS='[["a bright photo.", "a dark photo."]]'
+            value = json.loads(value)
+        if isinstance(value, list | tuple):
+            return tuple(tuple(p) if isinstance(p, list | tuple) else p for p in value)
+        return value
 
     @field_validator("include", "exclude", "metrics", "reference_metrics", mode="before")
     @classmethod
@@ -82,7 +122,8 @@ class Config(BaseModel):
 
     # Fields whose value changes what a run writes; everything else is execution detail.
     output_fields: ClassVar[tuple[str, ...]] = (
-        "dataset", "shard_size", "include", "exclude", "limit", "prior", "enhancer",
+        "dataset", "shard_size", "include", "exclude", "limit", "prior", "prior_model",
+        "prior_calibration", "clip_visibility_prompts", "clip_blur_prompts", "enhancer",
         "enhancer_weights", "enhance", "metrics", "reference_metrics", "reference",
         "iqa_max_side", "format", "quality", "apply_exif", "max_pixels",
     )

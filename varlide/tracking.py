@@ -119,3 +119,54 @@ class RunTracker:
 
     def finish(self, ok: bool) -> None:
         self.client.set_terminated(self.mlflow_run_id, status="FINISHED" if ok else "FAILED")
+
+
+class TrainTracker:
+    """The MLflow side of a training run: curves, every checkpoint, the final weights.
+
+    Keyed by the training output folder, so a killed and resumed training run continues the
+    same MLflow run (experiment ``varlide-train`` unless configured).
+    """
+
+    TAG = "varlide.train_out"
+
+    def __init__(self, experiment: str, out_dir: str, params: dict[str, Any]) -> None:
+        self.client = _client()
+        self.experiment_id = _experiment_id(self.client, experiment)
+        key = redact(out_dir)
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{self.TAG}` = '{key}'", max_results=1)
+        if found:
+            self.mlflow_run_id = found[0].info.run_id
+            self.client.update_run(self.mlflow_run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=key.rsplit("/", 1)[-1],
+                                         tags={self.TAG: key})
+            self.mlflow_run_id = run.info.run_id
+        existing = self.client.get_run(self.mlflow_run_id).data.params
+        from mlflow.entities import Param
+
+        new = [Param(k, v) for k, v in _flatten("", params).items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.mlflow_run_id, params=new[i:i + 100])
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k.replace("/", "_"), float(v), now, step) for k, v in metrics.items()
+                 if v is not None and v == v]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.mlflow_run_id, metrics=items[i:i + 500])
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        self.client.log_artifacts(self.mlflow_run_id, path, f"checkpoints/step-{step:07d}")
+
+    def log_final(self, weights_dir: str, summary: dict[str, Any]) -> None:
+        self.client.log_artifacts(self.mlflow_run_id, weights_dir, "weights")
+        self.client.log_dict(self.mlflow_run_id, summary, "train_summary.json")
+
+    def finish(self, ok: bool) -> None:
+        self.client.set_terminated(self.mlflow_run_id, status="FINISHED" if ok else "FAILED")

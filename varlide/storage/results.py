@@ -37,6 +37,7 @@ FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("prior_model", pa.string()),
     ("visibility", pa.float32()),
     ("blur", pa.float32()),
+    ("prior_calibration", pa.string()),
     ("enhancer", pa.string()),
     ("enhancer_version", pa.string()),
     ("route", pa.string()),
