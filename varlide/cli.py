@@ -38,7 +38,11 @@ def _enhance_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--enhancer", help="registered enhancer name (default classic-curve)")
     p.add_argument("--weights", dest="enhancer_weights", help="enhancer weights path or URI")
-    p.add_argument("--prior", help="prior backend (default analytic)")
+    p.add_argument("--prior", help="prior backend: analytic (default), clip, auto (the enhancer's)")
+    p.add_argument("--prior-model", help="clip model: ARCH:TAG (default ViT-B-32:openai), "
+                   "ARCH:/path/ckpt, local-dir:/folder")
+    p.add_argument("--prior-calibration", help="calibration file onto the enhancer's prior "
+                   "scale (default: the one `varlide calibrate` stored, if any)")
     p.add_argument("--metrics", help="comma-separated quality measures")
     p.add_argument("--no-enhance", dest="enhance", action="store_const", const=False,
                    help="scores only, no enhanced images")
@@ -62,7 +66,8 @@ def _enhance_parser(sub: argparse._SubParsersAction) -> None:
 
 
 CONFIG_FLAGS = ("dataset", "shard_size", "run_id", "workers", "device", "enhancer",
-                "enhancer_weights", "prior", "metrics", "enhance", "include", "exclude", "limit",
+                "enhancer_weights", "prior", "prior_model", "prior_calibration", "metrics",
+                "enhance", "include", "exclude", "limit",
                 "format", "quality", "apply_exif", "reference", "batch_size", "iqa_max_side",
                 "retries", "experiment", "progress")
 
@@ -75,9 +80,11 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     if args.dry_run:
         plan = prepare_run(args.input, args.output, cfg, fresh=args.fresh, write=False)
         print(plan.describe())
-        print(f"  weights {_weights_needed(cfg)}")
+        print(_weights_needed(cfg))
+        _preflight(cfg)  # missing weights: an error naming them (exit 2)
         print("dry run: nothing written")
         return EXIT_OK
+    _preflight(cfg)  # before the run starts, not in a worker
     from flows.enhance import run_enhance
 
     summary = run_enhance(args.input, args.output, cfg, fresh=args.fresh)
@@ -91,15 +98,160 @@ def cmd_enhance(args: argparse.Namespace) -> int:
 
 
 def _weights_needed(cfg) -> str:
-    if not cfg.enhance:
-        return "none (--no-enhance)"
-    if cfg.enhancer_weights:
-        return f"enhancer {cfg.enhancer}: {cfg.enhancer_weights}"
-    import varlide.models  # noqa: F401
-    from varlide.models.base import ENHANCERS
+    """The dry run's weights lines: every file the run needs, present or MISSING."""
+    from varlide import weights
+    from varlide.priors.calibration import prior_id, run_scale, trained_prior_of
 
-    default = getattr(ENHANCERS.get(cfg.enhancer), "default_weights", None)
-    return f"enhancer {cfg.enhancer}: {default or 'none (no learned weights)'}"
+    if cfg.weights_cache:
+        os.environ["VARLIDE_WEIGHTS_CACHE"] = cfg.weights_cache
+    trained = trained_prior_of(cfg)
+    lines = [f"  prior   {prior_id(*run_scale(cfg, trained))}"
+             + (f" (enhancer trained on {prior_id(*trained)})" if trained else "")]
+    rows = weights.describe(weights.requirements(cfg, trained=trained))
+    if not rows:
+        lines.append("  weights none")
+    for r in rows:
+        state = "present" if r["present"] else ("absent (optional)" if r["optional"]
+                                                else "MISSING")
+        lines.append(f"  weights {r['used_by']}: {r['path']} [{state}]")
+    for name in weights.uncatalogued_metrics(cfg):
+        lines.append(f"  weights metric {name}: files not catalogued in varlide.weights "
+                     "(pyiqa reads them from $TORCH_HOME/hub/pyiqa)")
+    return "\n".join(lines)
+
+
+def _preflight(cfg) -> None:
+    from varlide import weights
+
+    weights.preflight(cfg)
+
+
+def _weights_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("weights", help="list / pull / mirror / sync / verify weight files",
+                       description="Every external file a config needs (CLIP checkpoints, "
+                       "pyiqa metric files, enhancer weights, calibrations): `list` what is "
+                       "present, `pull` what is missing (online) into the libraries' caches "
+                       "and record size + sha256 in the lock file, `mirror URI` the cache + "
+                       "lock to a bucket/folder, `sync URI` a worker's cache from it, `verify` "
+                       "every locked file. Selection: the same config as `enhance`.")
+    p.add_argument("action", choices=["list", "pull", "mirror", "sync", "verify"])
+    p.add_argument("uri", nargs="?", help="mirror / sync: the bucket prefix or folder")
+    p.add_argument("--config", help="YAML of config fields (the run's)")
+    p.add_argument("--prior")
+    p.add_argument("--prior-model")
+    p.add_argument("--metrics", help="comma-separated quality measures")
+    p.add_argument("--reference-metrics", help="comma-separated full-reference measures")
+    p.add_argument("--enhancer")
+    p.add_argument("--weights", dest="enhancer_weights", help="enhancer weights path or URI")
+    p.add_argument("--no-enhance", dest="enhance", action="store_const", const=False)
+    p.add_argument("--all", action="store_true", help="every catalogued file, not just the "
+                   "config's")
+    p.add_argument("--hub", help="pull: fetch <hub>/<key> from this folder/URI instead of "
+                   "each file's source")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_weights)
+
+
+WEIGHTS_FLAGS = ("prior", "prior_model", "metrics", "reference_metrics", "enhancer",
+                 "enhancer_weights", "enhance")
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from varlide import weights
+
+    cfg = load_config(args.config, {k: getattr(args, k) for k in WEIGHTS_FLAGS})
+    if cfg.weights_cache:
+        os.environ["VARLIDE_WEIGHTS_CACHE"] = cfg.weights_cache
+    if args.action in ("mirror", "sync") and not args.uri:
+        raise ConfigError(f"`varlide weights {args.action}` needs a URI (bucket prefix/folder)")
+    reqs: list = []
+    if args.action in ("list", "pull", "mirror"):
+        reqs = weights.requirements(cfg, include_reference=True)
+        if args.all:
+            reqs = weights._dedupe(reqs + weights.catalogue())
+    if args.action == "list":
+        rows = weights.describe(reqs)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return EXIT_OK
+        for r in rows:
+            state = "present" if r["present"] else ("absent" if r["optional"] else "MISSING")
+            extra = f" {r['size'] / 1e6:.1f} MB" if r["size"] is not None else (
+                f" <- {r['source']}" if r["source"] else "")
+            lock = f" sha256 {r['sha256'][:12]}" if r["sha256"] else ""
+            print(f"{state:8} {r['used_by']}: {r['path']}{extra}{lock}")
+        for name in weights.uncatalogued_metrics(cfg, include_reference=True):
+            print(f"?        metric {name}: files not catalogued (pyiqa's own cache)")
+        print(f"lock file {weights.lock_path()}")
+        return EXIT_OK
+    if args.action == "pull":
+        weights.set_offline(False)
+        os.environ.pop("HF_HUB_OFFLINE", None)
+        acts = weights.pull(reqs, hub=args.hub, progress=not args.json)
+    elif args.action == "mirror":
+        acts = weights.mirror(args.uri, reqs)
+    elif args.action == "sync":
+        acts = weights.sync(args.uri)
+    else:
+        acts = weights.verify()
+    failed = [a for a in acts if a.what in ("failed", "FAILED")]
+    if args.json:
+        print(json.dumps([a.__dict__ for a in acts], indent=2))
+    else:
+        for a in acts:
+            print(f"{a.what:8} {a.key} -> {a.path}" + (f": {a.detail}" if a.detail else ""))
+        print(f"{len(acts) - len(failed)} ok, {len(failed)} failed; lock file "
+              f"{weights.lock_path()}")
+    if failed:
+        print("error: " + "; ".join(f"{a.path}: {a.detail}" for a in failed), file=sys.stderr)
+        return EXIT_FAILED_SHARDS
+    return EXIT_OK
+
+
+def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="fit a prior's map onto the enhancer's trained scale",
+                       description="Score every image of REFERENCE with the run's prior and "
+                       "with the enhancer's trained prior, fit a monotone quantile map per "
+                       "score (v, b) and store it beside the weights (the weights cache, "
+                       "recorded in the lock file), where runs pick it up.")
+    p.add_argument("reference", help="folder or URI of reference images (like the corpus)")
+    p.add_argument("--config", help="YAML of config fields (prompts, enhancer ...)")
+    p.add_argument("--prior", help="the backend to calibrate (e.g. clip)")
+    p.add_argument("--prior-model", help="its model (clip: ARCH:TAG ...)")
+    p.add_argument("--to", help="target scale BACKEND[/MODEL] (default: the enhancer's)")
+    p.add_argument("--enhancer")
+    p.add_argument("--weights", dest="enhancer_weights", help="enhancer weights path or URI")
+    p.add_argument("--out", help="where to write it (default: the weights cache)")
+    p.add_argument("--limit", type=int, help="at most N images")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from varlide.engine import resolve_device
+    from varlide.priors.calibration import calibrate, parse_prior_id
+    from varlide.run import canonical_uri
+    from varlide.weights import set_offline
+
+    cfg = load_config(args.config, {k: getattr(args, k) for k in (
+        "prior", "prior_model", "enhancer", "enhancer_weights", "device")})
+    if cfg.weights_cache:
+        os.environ["VARLIDE_WEIGHTS_CACHE"] = cfg.weights_cache
+    set_offline(not cfg.weights_online)
+    target = parse_prior_id(args.to) if args.to else None
+    try:
+        cal, out = calibrate(canonical_uri(args.reference), cfg, target=target, out=args.out,
+                             device=resolve_device(cfg.device), limit=args.limit,
+                             batch_size=args.batch_size, progress=True)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"calibration {cal.id}: {cal.images} images of {cal.reference}")
+    print(f"  v knots {cal.visibility.x[0]:.3f}..{cal.visibility.x[-1]:.3f} -> "
+          f"{cal.visibility.y[0]:.3f}..{cal.visibility.y[-1]:.3f}; b knots "
+          f"{cal.blur.x[0]:.3f}..{cal.blur.x[-1]:.3f} -> {cal.blur.y[0]:.3f}..{cal.blur.y[-1]:.3f}")
+    print(f"  written to {out}")
+    return EXIT_OK
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
@@ -310,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     _report_parser(sub)
     _demo_parser(sub)
     _train_parser(sub)
+    _weights_parser(sub)
+    _calibrate_parser(sub)
     return parser
 
 

@@ -105,7 +105,7 @@ class Config(BaseModel):
     @field_validator("clip_visibility_prompts", "clip_blur_prompts", mode="before")
     @classmethod
     def _prompt_pairs(cls, value: Any) -> Any:
-        if isinstance(value, str):  # VARLIDE_CLIP_*_PROMPTS='[["a bright photo.", "a dark photo."]]'
+        if isinstance(value, str):  # env: VARLIDE_CLIP_BLUR_PROMPTS='[["blurry", "sharp"]]'
             value = json.loads(value)
         if isinstance(value, list | tuple):
             return tuple(tuple(p) if isinstance(p, list | tuple) else p for p in value)

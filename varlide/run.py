@@ -213,6 +213,10 @@ def record_run(plan: RunPlan, session: dict[str, Any]) -> dict[str, Any]:
     tracker.set_tags({"varlide.version": __version__, "varlide.resumed": plan.resumed,
                       **{f"exec.{k}": v for k, v in execution.items()},
                       **{f"session.{k}": v for k, v in session.items()}})
+    if table is not None:
+        from varlide.priors.calibration import prior_scale_tags
+
+        tracker.set_tags(prior_scale_tags(table))
     tracker.log_metrics(metrics)
     tracker.log_dict(summary, "summary.json")
     tracker.log_dict(store.read_manifest(), "manifest.json")

@@ -6,8 +6,10 @@ better, the value range, and whether a reference image is needed.
 Names resolve in order: our registry (analytic measures, and ``piqe``/``psnr``/``ssim``
 registered with their documented defaults), then any other pyiqa metric name, built
 through ``pyiqa.create_metric`` with the direction and range from pyiqa's own table, so a
-learned pyiqa metric needs no code here (its weights must already be in the torch hub
-cache when offline). Our names win on a clash (``entropy`` is ours).
+learned pyiqa metric (niqe, brisque, musiq, maniqa, clipiqa, lpips ...) needs no code here.
+Its weight files are managed inputs (``metric_weights``, ``varlide.weights``): offline, a
+missing one fails when the measure is built, and before a run starts, naming the file and
+``varlide weights pull``. Our names win on a clash (``entropy`` is ours).
 """
 
 from __future__ import annotations
@@ -88,4 +90,17 @@ def metric_info(name: str) -> MetricInfo:
         return METRICS.get(name).info  # factories carry ``info`` as an attribute
     if name in _pyiqa().pyiqa_names():
         return _pyiqa().pyiqa_info(name)
+    raise _unknown(name)
+
+
+def metric_weights(name: str):
+    """The weight files (``varlide.weights.WeightFile``) a measure needs: () for ours and the
+    weight-free pyiqa ones, None for a pyiqa metric whose files are not catalogued."""
+    import varlide.iqa  # noqa: F401
+    from varlide.weights import metric_files
+
+    if name in METRICS:
+        return metric_files(name) or ()  # piqe/psnr/ssim: weight-free
+    if name in _pyiqa().pyiqa_names():
+        return metric_files(name)
     raise _unknown(name)

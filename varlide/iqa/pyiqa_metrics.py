@@ -24,6 +24,7 @@ Any pyiqa option may be passed through ``create_metric(name, **kwargs)``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -99,23 +100,44 @@ def pyiqa_info(name: str) -> MetricInfo:
 
 
 class PyiqaMetric(Metric):
-    """One pyiqa model, created once, scoring batches ``(B, 3, H, W)`` in [0, 1]."""
+    """One pyiqa model, created once, scoring batches ``(B, 3, H, W)`` in [0, 1].
+
+    Weights: the files ``varlide.weights.PYIQA_FILES`` lists for the metric must be where
+    pyiqa / torchvision / timm look for them; offline (the default) a missing one is a
+    ``WeightsMissingError`` naming it and ``varlide weights pull``, raised before pyiqa is
+    even imported, and any download pyiqa still attempts is refused the same way.
+    """
 
     def __init__(self, name: str, device: str | torch.device = "cpu", **kwargs) -> None:
-        import pyiqa
+        from varlide import weights
 
         self.info = pyiqa_info(name)
         self.device = torch.device(device)
+        online = weights.is_online()
+        if not online:
+            weights.ensure_files(weights.metric_files(name) or (), f"metric {name}")
+        import pyiqa
+
+        guard = (contextlib.nullcontext() if online
+                 else weights.blocked_downloads(f"pyiqa metric {name!r}"))
         try:
-            self.net = pyiqa.create_metric(name, device=self.device, as_loss=False, **kwargs)
+            with guard:
+                self.net = pyiqa.create_metric(name, device=self.device, as_loss=False,
+                                               **kwargs)
+        except weights.WeightsMissingError:
+            raise
         except OSError as e:  # URLError / offline hub: weights missing from the cache
             from pyiqa.utils.download_util import DEFAULT_CACHE_DIR
 
-            raise RuntimeError(
+            raise weights.WeightsMissingError(
                 f"pyiqa metric {name!r} needs weights that are not in the local cache "
-                f"({DEFAULT_CACHE_DIR}, or $TORCH_HOME/hub/pyiqa) and none can be downloaded "
-                f"here ({e}); on a machine with network run `python -c \"import pyiqa; "
-                f"pyiqa.create_metric('{name}')\"` and copy that cache folder"
+                f"({DEFAULT_CACHE_DIR}, the Hugging Face hub cache or torch hub checkpoints) "
+                f"and none can be downloaded here ({type(e).__name__}: {e}).\n"
+                + (weights.fetch_hint() if weights.metric_files(name) is not None else
+                   f"Its files are not catalogued in varlide.weights.PYIQA_FILES: build it once "
+                   f"online (`python -c \"import pyiqa; pyiqa.create_metric('{name}')\"`) and "
+                   f"copy {DEFAULT_CACHE_DIR} and the Hugging Face hub cache to this machine, "
+                   "or add its files to PYIQA_FILES so `varlide weights` manages them.")
             ) from e
         if bool(self.net.lower_better) != self.info.lower_better:  # table and model disagree
             raise RuntimeError(f"pyiqa {name}: lower_better differs between table and model")

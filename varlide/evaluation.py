@@ -1,0 +1,851 @@
+"""Evaluation of enhancers on paired (full-reference) and real (no-reference) image sets.
+
+One call measures every enhancer on every set and gives one table (issue 3, "Evaluation and
+the bar to beat")::
+
+    from varlide.evaluation import (evaluate, format_table, paired_synthetic,
+                                    unpaired_folder, holdout_split)
+    sets = [paired_synthetic(), unpaired_folder("../shared/data/dev-lowlight")]
+    df = evaluate({"input": None, "classic-curve": "classic-curve"}, sets)
+    print(format_table(df))
+
+Sets (:class:`EvalSet`; images are loaded lazily, one batch at a time, so memory stays
+bounded whatever the folder's size):
+
+- :func:`paired_synthetic`: the demo corpus in memory. For each seed ``s`` and index ``i``
+  it draws exactly what ``make_demo_corpus(seed=s, size=size)`` draws for image ``i`` (the
+  photograph ``i % 5``, a random crop, then ``degrade``), so with the default 256x256 size
+  the set is bit-identical to ``python -m varlide.demo OUT --count 10 --size 256x256
+  --seed s`` for each seed (images quantised to 8 bits, as the PNG files are).
+- :func:`paired_from_folder`: well-exposed images of a folder (mean luma in
+  ``brightness``, default [0.35, 0.60]) as pseudo-references, downscaled to ``max_side``
+  and degraded the same way (the rng keyed by the relative path and the seed, so the pair
+  of an image does not depend on what else is in the folder).
+- :func:`paired_folders`: an input folder and a reference folder with the same relative
+  names (the demo corpus's ``lowlight/`` and ``reference/``; ``varlide eval --reference``).
+- :func:`unpaired_folder`: real images without reference, optionally filtered by mean
+  luma, reported overall and by brightness band of the input (:data:`BANDS`).
+- :meth:`EvalSet.from_arrays`: in-memory arrays (tests, notebooks).
+
+Held-out split shared with the trainer: :func:`holdout_split` (``rel_paths, fraction,
+seed -> (train, held_out)``) decides per relative path by a hash of ``seed`` and the path,
+so the trainer and the evaluator agree without coordination and adding files never moves
+an existing file across the split.
+
+Measures, per image and per enhancer (``'input'``, enhancer None, is the identity):
+
+- paired sets: ``psnr``, ``ssim`` (pyiqa's weight-free metrics, output vs clean) and
+  ``brightness``;
+- unpaired sets: ``brightness``, ``overexposed``, ``piqe``, ``entropy``, ``sharpness`` and
+  ``in_band``: whether the output's mean luma is in :data:`TARGET_BAND` [0.40, 0.55].
+
+The prior (``analytic`` by default) scores each input once, as the pipeline does, and every
+enhancer gets that v and b. ``ssim`` is computed by :class:`SeparableSSIM` by default:
+pyiqa's own preprocessing (Y of YIQ, rounded to 0..255) and formula, with its 11x11
+Gaussian window applied as two 1-D passes in float64 (the window is separable): equal to
+pyiqa to ~3e-7, and 5-10x faster on CPU (pyiqa runs a float64 2-D convolution, which has no
+fast CPU kernel: ~0.5-1 s per 256x256 image on the shared 2-core box, against ~0.1 s).
+``ssim_impl='pyiqa'`` uses pyiqa's module itself; a test checks that the two agree.
+
+:func:`default_sets` builds the issue's four sets from ``../shared/data`` (synthetic,
+``sice-paired``, ``dev-lowlight``, ``sice-moderate``).
+
+:func:`measure` gives the per-image table (for plots), :func:`summarize` the mean/std table,
+:func:`evaluate` is ``summarize(measure(...))``, :func:`format_table` gives Markdown
+for docs/METHOD.md with each measure's direction (from ``metric_info``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from varlide.iqa.base import Metric, MetricInfo, create_metric, metric_info
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BANDS",
+    "TARGET_BAND",
+    "PAIRED_METRICS",
+    "UNPAIRED_METRICS",
+    "EvalItem",
+    "EvalSet",
+    "SeparableSSIM",
+    "brightness_band",
+    "holdout_split",
+    "is_held_out",
+    "paired_synthetic",
+    "paired_from_folder",
+    "paired_folders",
+    "unpaired_folder",
+    "default_sets",
+    "measure",
+    "summarize",
+    "evaluate",
+    "format_table",
+]
+
+#: Mean output luma a good enhancement lands in (the exposure loss aims at 0.45 +- 0.1).
+TARGET_BAND: tuple[float, float] = (0.40, 0.55)
+#: Brightness bands of the *input* (mean Rec.601 luma), ``[lo, hi)``.
+BANDS: tuple[tuple[str, float, float], ...] = (
+    ("very dark", 0.0, 0.25),
+    ("moderate", 0.25, 0.55),
+    ("bright", 0.55, math.inf),
+)
+ALL = "all"
+PAIRED_METRICS: tuple[str, ...] = ("psnr", "ssim", "brightness")
+UNPAIRED_METRICS: tuple[str, ...] = ("brightness", "overexposed", "piqe", "entropy", "sharpness")
+#: Mean luma of a train-sice image usable as a pseudo-reference (well exposed).
+WELL_EXPOSED: tuple[float, float] = (0.35, 0.60)
+#: Mean luma of the "moderately lit" real images (neither very dark nor over-exposed).
+MODERATE: tuple[float, float] = (0.25, 0.55)
+INPUT = "input"
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- split
+
+
+def _path_fraction(rel_path: str, seed: int) -> float:
+    """A uniform number in [0, 1) from ``seed`` and the path (sha256, first 8 bytes)."""
+    digest = hashlib.sha256(f"{int(seed)}:{rel_path}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def is_held_out(rel_path: str, fraction: float = 0.05, seed: int = 0) -> bool:
+    """Whether ``rel_path`` belongs to the held-out split (see :func:`holdout_split`)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction: expected a value in [0, 1], got {fraction}")
+    return _path_fraction(rel_path, seed) < fraction
+
+
+def holdout_split(
+    rel_paths: Iterable[str], fraction: float = 0.05, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """``(train, held_out)`` relative paths, each in input order.
+
+    A path is held out when ``sha256(f"{seed}:{rel_path}")``, read as a number in [0, 1),
+    is below ``fraction``: the decision depends on that path alone, so it is the same in
+    every process and adding or removing other files never moves a file across the split.
+    Use POSIX relative paths (as ``varlide.storage.listing.list_corpus`` gives them).
+    """
+    train: list[str] = []
+    held: list[str] = []
+    for rel in rel_paths:
+        (held if is_held_out(rel, fraction, seed) else train).append(rel)
+    return train, held
+
+
+def brightness_band(value: float) -> str:
+    """The :data:`BANDS` name of a mean luma."""
+    for name, lo, hi in BANDS:
+        if lo <= value < hi:
+            return name
+    return BANDS[0][0] if value < BANDS[0][1] else BANDS[-1][0]
+
+
+def _mean_luma(pixels: np.ndarray) -> float:
+    return float(np.tensordot(pixels, _LUMA, axes=([2], [0])).mean(dtype=np.float64))
+
+
+# --------------------------------------------------------------------------- sets
+
+
+Loader = Callable[[], tuple[np.ndarray, np.ndarray | None]]
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One image of a set: ``load()`` gives ``(input, reference or None)``, (H, W, 3)
+    float32 in [0, 1]; ``meta`` says where it came from (source, seed, degradation ...)."""
+
+    id: str
+    load: Loader
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSet:
+    """A named list of items; ``paired``: every item has a reference. ``by_band``: the
+    summary also reports each input brightness band."""
+
+    name: str
+    paired: bool
+    items: list[EvalItem]
+    by_band: bool = False
+    description: str = ""
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def kind(self) -> str:
+        return "paired" if self.paired else "unpaired"
+
+    @classmethod
+    def from_arrays(
+        cls,
+        name: str,
+        images: Sequence[np.ndarray],
+        references: Sequence[np.ndarray] | None = None,
+        ids: Sequence[str] | None = None,
+        by_band: bool = False,
+    ) -> EvalSet:
+        """A set of in-memory (H, W, 3) images (float in [0, 1] or uint8)."""
+        if references is not None and len(references) != len(images):
+            raise ValueError(f"{len(images)} images but {len(references)} references")
+        ids = list(ids) if ids is not None else [f"{i:04d}" for i in range(len(images))]
+        items = []
+        for i, img in enumerate(images):
+            x = _as_float(img)
+            r = None if references is None else _as_float(references[i])
+            items.append(EvalItem(ids[i], (lambda x=x, r=r: (x, r)), {}))
+        return cls(name, references is not None, items, by_band=by_band)
+
+
+def _as_float(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / np.float32(255.0)
+    return np.clip(a.astype(np.float32, copy=False), 0.0, 1.0)
+
+
+def _quantise(x: np.ndarray) -> np.ndarray:
+    """Float [0, 1] -> the 8-bit grid, as writing the image to a PNG/JPEG file would."""
+    from varlide.imaging.encode import to_uint8
+
+    return to_uint8(x).astype(np.float32) / np.float32(255.0)
+
+
+def paired_synthetic(
+    seeds: Sequence[int] = (0, 1, 2),
+    crops_per_photo: int = 2,
+    size: tuple[int, int] = (256, 256),
+    quantize: bool = True,
+    name: str = "synthetic",
+) -> EvalSet:
+    """(low, clean) pairs from the bundled scikit-image photographs (``source_photographs``).
+
+    Per seed, ``crops_per_photo * n_photos`` images, image ``i`` drawn like the demo
+    corpus's image ``i`` (``np.random.default_rng([seed, i])``: photograph ``i % n``, a
+    random ``size`` (width, height) crop, then :func:`varlide.demo.degrade`). Deterministic,
+    and a prefix-stable function of ``seeds`` and ``crops_per_photo``. ``quantize``: the low
+    image on the 8-bit grid (what a file holds; the clean crop is 8-bit anyway).
+    """
+    from varlide.demo import _photos_uint8
+
+    if crops_per_photo < 1:
+        raise ValueError(f"crops_per_photo: expected >= 1, got {crops_per_photo}")
+    size = (int(size[0]), int(size[1]))
+    n_photos = len(_photos_uint8())
+    items = []
+    for seed in seeds:
+        for i in range(crops_per_photo * n_photos):
+            photo = _photos_uint8()[i % n_photos][0]
+            items.append(EvalItem(
+                f"s{int(seed)}-{i:04d}_{photo}",
+                (lambda s=int(seed), i=i: _synthetic_pair(s, i, size, quantize)),
+                {"source": photo, "seed": int(seed), "index": i},
+            ))
+    return EvalSet(
+        name, True, items,
+        description=f"demo-corpus degradations of {n_photos} photographs x {crops_per_photo} "
+                    f"crops x {len(seeds)} seeds at {size[0]}x{size[1]}",
+    )
+
+
+def _synthetic_pair(seed: int, index: int, size: tuple[int, int], quantize: bool):
+    from varlide.demo import _crop, _photos_uint8, degrade
+
+    photos = _photos_uint8()
+    rng = np.random.default_rng([seed, index])
+    clean_u8, _ = _crop(photos[index % len(photos)][1], size, rng)
+    clean = clean_u8.astype(np.float32) / np.float32(255.0)
+    low, _ = degrade(clean, rng)
+    return (_quantise(low) if quantize else low), clean
+
+
+def _read_image(uri: str, max_side: int | None = None) -> np.ndarray:
+    """Decode an image file at ``uri`` to (H, W, 3) float32, area-downscaled to ``max_side``."""
+    from varlide.imaging.decode import decode_image
+    from varlide.storage.uri import filesystem
+
+    fs, path = filesystem(uri)
+    pixels = decode_image(fs.cat_file(path)).pixels
+    if max_side and max(pixels.shape[:2]) > max_side:
+        from PIL import Image
+
+        h, w = pixels.shape[:2]
+        s = max_side / max(h, w)
+        new = (max(1, round(w * s)), max(1, round(h * s)))
+        u8 = Image.fromarray((pixels * 255 + 0.5).astype(np.uint8))  # decoded 8-bit: exact
+        pixels = np.asarray(u8.resize(new, Image.Resampling.BOX), dtype=np.float32) / 255.0
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+def _select(
+    uri: str,
+    rel_paths: Sequence[str] | None,
+    brightness: tuple[float, float] | None,
+    limit: int | None,
+    max_side: int | None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[tuple[str, float]]:
+    """(rel_path, mean luma) of the images to use, sorted by path.
+
+    Candidates are visited in a hash order (the same in every process, unrelated to the
+    names), filtered by mean luma, and the first ``limit`` kept: a deterministic, unbiased
+    subset that only decodes what it needs.
+    """
+    from varlide.storage.listing import list_corpus
+    from varlide.storage.uri import join
+
+    if rel_paths is None:
+        rel_paths = [f.rel_path for f in list_corpus(uri, include=include, exclude=exclude)]
+    order = sorted(rel_paths, key=lambda r: _path_fraction(r, -1))
+    chosen: list[tuple[str, float]] = []
+    for rel in order:
+        if limit is not None and len(chosen) >= limit:
+            break
+        try:
+            y = _mean_luma(_read_image(join(uri, rel), max_side))
+        except Exception as exc:  # unreadable or undecodable: skipped, loudly
+            log.warning("evaluation: skipping %s (%s)", rel, exc)
+            continue
+        if brightness is None or brightness[0] <= y <= brightness[1]:
+            chosen.append((rel, y))
+    return sorted(chosen)
+
+
+def paired_from_folder(
+    uri: str,
+    rel_paths: Sequence[str] | None = None,
+    *,
+    brightness: tuple[float, float] | None = WELL_EXPOSED,
+    seeds: Sequence[int] = (0,),
+    max_side: int | None = 256,
+    limit: int | None = 24,
+    quantize: bool = True,
+    name: str | None = None,
+) -> EvalSet:
+    """Well-exposed images of a folder as pseudo-references, degraded like the demo corpus.
+
+    ``rel_paths``: the candidates (e.g. ``holdout_split(paths, 0.05)[1]``; default: every
+    image under ``uri``); ``brightness``: the mean-luma range of a usable reference;
+    ``max_side``: references are area-downscaled to this long side first (it also averages
+    JPEG artefacts away; None = full size); ``limit``: at most this many references (a
+    deterministic subset, see ``_select``). Each reference is degraded once per seed with
+    ``np.random.default_rng([seed, h])``, ``h`` a hash of its relative path.
+    """
+    from varlide.storage.uri import join
+
+    chosen = _select(uri, rel_paths, brightness, limit, max_side)
+    items = []
+    for seed in seeds:
+        for rel, y in chosen:
+            key = int(_path_fraction(rel, 0) * 2**32)
+
+            def load(src=join(uri, rel), s=int(seed), key=key):
+                clean = _read_image(src, max_side)
+                low, _ = _degrade(clean, np.random.default_rng([s, key]))
+                return (_quantise(low) if quantize else low), clean
+
+            items.append(EvalItem(f"s{int(seed)}-{rel}", load,
+                                  {"source": rel, "seed": int(seed), "ref_brightness": y}))
+    return EvalSet(
+        name or _default_name(uri, "paired"), True, items,
+        description=f"{len(chosen)} images of {uri} with mean luma in {brightness} as "
+                    f"references, x {len(seeds)} seeds, long side {max_side}",
+    )
+
+
+def _degrade(clean: np.ndarray, rng: np.random.Generator):
+    from varlide.demo import degrade
+
+    return degrade(clean, rng)
+
+
+def paired_folders(
+    input_uri: str,
+    reference_uri: str,
+    *,
+    limit: int | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    name: str | None = None,
+) -> EvalSet:
+    """Inputs under ``input_uri``, references with the same relative names under
+    ``reference_uri`` (a missing or differently sized reference skips that image)."""
+    from varlide.storage.listing import list_corpus
+    from varlide.storage.uri import join
+
+    files = list_corpus(input_uri, include=include, exclude=exclude, limit=limit)
+    items = []
+    for f in files:
+        def load(src=join(input_uri, f.rel_path), ref=join(reference_uri, f.rel_path)):
+            x, r = _read_image(src), _read_image(ref)
+            if x.shape != r.shape:
+                raise ValueError(f"reference {ref} is {r.shape[1]}x{r.shape[0]}, "
+                                 f"input {x.shape[1]}x{x.shape[0]}")
+            return x, r
+
+        items.append(EvalItem(f.rel_path, load, {"source": f.rel_path}))
+    return EvalSet(name or _default_name(input_uri, "paired"), True, items,
+                   description=f"{input_uri} against {reference_uri}")
+
+
+def unpaired_folder(
+    uri: str,
+    name: str | None = None,
+    rel_paths: Sequence[str] | None = None,
+    *,
+    brightness: tuple[float, float] | None = None,
+    by_band: bool = True,
+    max_side: int | None = None,
+    limit: int | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> EvalSet:
+    """Real images without reference (e.g. dev-lowlight, or held-out moderately lit images
+    of train-sice: ``rel_paths=holdout_split(...)[1], brightness=MODERATE``).
+
+    ``brightness`` filters by the input's mean luma (decodes every candidate once; without
+    it and without ``limit`` nothing is decoded until evaluation); ``max_side`` area-
+    downscales inputs (None: stored size); ``limit`` keeps a deterministic subset.
+    """
+    from varlide.storage.listing import list_corpus
+    from varlide.storage.uri import join
+
+    if brightness is None and limit is None:
+        if rel_paths is None:
+            rel_paths = [f.rel_path for f in list_corpus(uri, include=include, exclude=exclude)]
+        chosen = sorted(rel_paths)
+    else:
+        chosen = [rel for rel, _ in _select(uri, rel_paths, brightness, limit, max_side,
+                                            include, exclude)]
+    items = [
+        EvalItem(rel, (lambda src=join(uri, rel): (_read_image(src, max_side), None)),
+                 {"source": rel})
+        for rel in chosen
+    ]
+    desc = f"{len(items)} images of {uri}"
+    if brightness is not None:
+        desc += f" with mean luma in {brightness}"
+    return EvalSet(name or _default_name(uri, "real"), False, items, by_band=by_band,
+                   description=desc)
+
+
+def _default_name(uri: str, _kind: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1] or uri
+
+
+def default_sets(
+    data_root: str = "../shared/data",
+    fraction: float = 0.05,
+    seed: int = 0,
+    *,
+    synthetic: bool = True,
+    pseudo_limit: int | None = 24,
+    moderate_limit: int | None = 24,
+    max_side: int | None = 256,
+) -> list[EvalSet]:
+    """Issue 3's sets, those whose data exists under ``data_root``:
+
+    ``synthetic`` (:func:`paired_synthetic` defaults); ``sice-paired``: well-exposed
+    held-out train-sice images as pseudo-references (``holdout_split(..., fraction,
+    seed)``); ``dev-lowlight`` (real, very dark but one); ``sice-moderate``: held-out
+    train-sice images with mean luma in :data:`MODERATE`, at ``max_side``.
+    """
+    from varlide.storage.listing import list_corpus
+    from varlide.storage.uri import filesystem, join
+
+    sets: list[EvalSet] = [paired_synthetic()] if synthetic else []
+    sice = join(data_root, "train-sice")
+    fs, path = filesystem(sice)
+    if fs.exists(path):
+        held = holdout_split([f.rel_path for f in list_corpus(sice)], fraction, seed)[1]
+        sets.append(paired_from_folder(sice, held, limit=pseudo_limit, max_side=max_side,
+                                       name="sice-paired"))
+    low = join(data_root, "dev-lowlight")
+    fs, path = filesystem(low)
+    if fs.exists(path):
+        sets.append(unpaired_folder(low, "dev-lowlight"))
+    if fs.exists(filesystem(sice)[1]):
+        sets.append(unpaired_folder(sice, "sice-moderate", held, brightness=MODERATE,
+                                    limit=moderate_limit, max_side=max_side))
+    return sets
+
+
+# --------------------------------------------------------------------------- measures
+
+
+class SeparableSSIM(Metric):
+    """pyiqa's ``ssim`` (Y of YIQ rounded to 0..255, 11x11 Gaussian, sigma 1.5, 'valid',
+    no downsampling, float64) with the Gaussian window applied as two 1-D passes of
+    shifted sums (float64 ``conv2d`` has no fast CPU kernel). The statistics of the last
+    reference tensor are kept (it must not be changed in place between calls), so scoring
+    several outputs against one reference costs 3 filterings each instead of 5."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        from pyiqa.archs.func_util import preprocess_rgb
+        from pyiqa.matlab_utils import fspecial
+
+        self.info = metric_info("ssim")
+        self.device = torch.device(device)
+        self._pre = preprocess_rgb
+        win = fspecial(11, 1.5, 1)[0, 0].double()  # pyiqa's window (float32, normalised)
+        self._g = win.sum(dim=1).tolist()  # its separable factor: the window is g g^T
+        self._ref: torch.Tensor | None = None
+        self._ref_stats: tuple[torch.Tensor, ...] = ()
+
+    def _filter(self, x: torch.Tensor) -> torch.Tensor:
+        k = len(self._g)
+        for dim in (2, 3):
+            n = x.shape[dim] - k + 1
+            acc = x.narrow(dim, 0, n) * self._g[0]
+            for j in range(1, k):
+                acc.add_(x.narrow(dim, j, n), alpha=self._g[j])
+            x = acc
+        return x
+
+    def _y(self, images: torch.Tensor) -> torch.Tensor:
+        return self._pre(images.to(self.device).float(), True, 255, "yiq").double()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, reference: torch.Tensor | None = None):
+        if reference is None:
+            raise ValueError("metric 'ssim' needs a reference image")
+        if images.shape != reference.shape:
+            raise ValueError(f"shapes differ: {tuple(images.shape)} vs {tuple(reference.shape)}")
+        if min(images.shape[-2:]) < len(self._g):
+            raise ValueError(f"ssim needs images of at least {len(self._g)} px a side")
+        if reference is not self._ref:  # the same tensor object (held here, so never reused)
+            y = self._y(reference)
+            mu2 = self._filter(y)
+            self._ref_stats = (y, mu2, mu2 * mu2, self._filter(y * y) - mu2 * mu2)
+            self._ref = reference
+        y, mu2, mu2_sq, s2 = self._ref_stats
+        x = self._y(images)
+        c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+        mu1 = self._filter(x)
+        mu1_sq, mu12 = mu1 * mu1, mu1 * mu2
+        s1 = self._filter(x * x) - mu1_sq
+        s12 = self._filter(x * y) - mu12
+        cs = F.relu((2 * s12 + c2) / (s1 + s2 + c2))
+        return (((2 * mu12 + c1) / (mu1_sq + mu2_sq + c1)) * cs).mean(dim=(1, 2, 3))
+
+
+def _build_metric(name: str, device: torch.device, ssim_impl: str) -> Metric:
+    if name == "ssim" and ssim_impl == "separable":
+        return SeparableSSIM(device)
+    return create_metric(name, device=device)
+
+
+def _downscale(x: torch.Tensor, max_side: int | None) -> torch.Tensor:
+    if not max_side or max(x.shape[-2:]) <= max_side:
+        return x
+    h, w = x.shape[-2:]
+    s = max_side / max(h, w)
+    return F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="area")
+
+
+def _batches(
+    items: Sequence[EvalItem], batch_size: int
+) -> Iterator[list[tuple[EvalItem, np.ndarray, np.ndarray | None]]]:
+    """Loaded items grouped by size, at most ``batch_size`` each; at most ``2 * batch_size``
+    images held while waiting for a full batch (then the largest group goes)."""
+    buckets: dict[tuple, list] = {}
+    held = 0
+    for item in items:
+        try:
+            x, ref = item.load()
+        except Exception as exc:  # an unreadable image is skipped, loudly, not fatal
+            log.warning("evaluation: skipping %s (%s: %s)", item.id, type(exc).__name__, exc)
+            continue
+        key = x.shape
+        buckets.setdefault(key, []).append((item, x, ref))
+        held += 1
+        if len(buckets[key]) >= batch_size:
+            held -= len(buckets[key])
+            yield buckets.pop(key)
+        elif held >= 2 * batch_size:
+            big = max(buckets, key=lambda k: len(buckets[k]))
+            held -= len(buckets[big])
+            yield buckets.pop(big)
+    yield from buckets.values()
+
+
+def _resolve(enhancers: Mapping[str, Any], device: torch.device, include_input: bool):
+    from varlide.models.base import create_enhancer
+
+    out: dict[str, Any] = {}
+    if include_input and not any(e is None for e in enhancers.values()):
+        out[INPUT] = None
+    for name, e in enhancers.items():
+        out[name] = create_enhancer(e, device=device) if isinstance(e, str) else e
+    return out
+
+
+def measure(
+    enhancers: Mapping[str, Any],
+    sets: Sequence[EvalSet],
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    *,
+    prior: str = "analytic",
+    paired_metrics: Sequence[str] = PAIRED_METRICS,
+    unpaired_metrics: Sequence[str] = UNPAIRED_METRICS,
+    iqa_max_side: int | None = None,
+    include_input: bool = True,
+    ssim_impl: str = "separable",
+    progress: Callable[[int], Any] | None = None,
+) -> pd.DataFrame:
+    """Per-image measures: one row per (set, image, enhancer).
+
+    ``enhancers``: display name -> an :class:`~varlide.models.base.Enhancer` (built on
+    ``device``), a registered name (built here with its default weights), or None (the
+    identity, reported as given; ``'input'`` is added first when no None is given and
+    ``include_input``). Every set's images are loaded once, in batches of one size, and
+    every enhancer runs on each batch. ``iqa_max_side``: pyiqa measures see images
+    area-downscaled to this long side (as the pipeline's ``iqa_max_side``). ``progress`` is
+    called with the number of images of each finished batch.
+
+    Columns: ``set, kind, image, enhancer, band`` (of the input's mean luma),
+    ``input_brightness, visibility, blur, route, n_iter, phase_strength, enhance_ms``, then
+    one column per measure, ``in_band`` (unpaired sets) and ``ref_brightness`` (paired).
+    """
+    if ssim_impl not in ("separable", "pyiqa"):
+        raise ValueError(f"ssim_impl: expected 'separable' or 'pyiqa', got {ssim_impl!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    from varlide.priors.base import create_prior
+
+    dev = torch.device(device)
+    models = _resolve(enhancers, dev, include_input)
+    scorer = create_prior(prior, device=dev)
+    names = list(dict.fromkeys(
+        [*(paired_metrics if any(s.paired for s in sets) else ()),
+         *(unpaired_metrics if any(not s.paired for s in sets) else ()), "brightness"]))
+    metrics = {n: _build_metric(n, dev, ssim_impl) for n in names}
+    rows: list[dict[str, Any]] = []
+    for eset in sets:
+        wanted = list(paired_metrics if eset.paired else unpaired_metrics)
+        for batch in _batches(eset.items, batch_size):
+            rows.extend(_measure_batch(eset, batch, models, scorer, metrics, wanted, dev,
+                                       iqa_max_side))
+            if progress is not None:
+                progress(len(batch))
+    return pd.DataFrame(rows)
+
+
+def _values(metric: Metric, images: torch.Tensor, ref: torch.Tensor | None,
+            max_side: int | None) -> list[float]:
+    if metric.info.source == "pyiqa":
+        images = _downscale(images, max_side)
+        ref = None if ref is None else _downscale(ref, max_side)
+    out = metric(images, ref) if metric.info.needs_reference else metric(images)
+    return [float(v) for v in out.detach().double().cpu().reshape(-1)]
+
+
+@torch.inference_mode()
+def _measure_batch(eset, batch, models, scorer, metrics, wanted, dev, max_side):
+    n = len(batch)
+    images = torch.from_numpy(np.stack([x for _, x, _ in batch])).permute(0, 3, 1, 2)
+    images = images.contiguous().to(dev)
+    ref = None
+    if eset.paired:
+        if any(r is None for _, _, r in batch):
+            raise ValueError(f"set {eset.name!r} is paired but an item has no reference")
+        ref = torch.from_numpy(np.stack([r for _, _, r in batch])).permute(0, 3, 1, 2)
+        ref = ref.contiguous().to(dev)
+    scores = scorer.score(images)
+    v, b = scores.visibility, scores.blur
+    in_bright = _values(metrics["brightness"], images, None, None)
+    ref_bright = None if ref is None else _values(metrics["brightness"], ref, None, None)
+    base = []
+    for i, (item, _, _) in enumerate(batch):
+        row = {"set": eset.name, "kind": eset.kind, "image": item.id,
+               "band": brightness_band(in_bright[i]), "input_brightness": in_bright[i],
+               "visibility": float(v[i]), "blur": float(b[i])}
+        if ref_bright is not None:
+            row["ref_brightness"] = ref_bright[i]
+        base.append(row)
+    out_rows = []
+    for name, model in models.items():
+        t0 = time.perf_counter()
+        if model is None:
+            out, route, n_iter, strength = images, [None] * n, None, None
+        else:
+            res = model.enhance(images, v, b)
+            out = res.images.float().clamp(0, 1)
+            route, n_iter, strength = res.route, res.n_iter, res.phase_strength
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        ms = (time.perf_counter() - t0) * 1000 / n
+        vals = {m: _values(metrics[m], out, ref, max_side) for m in wanted}
+        for i in range(n):
+            row = dict(base[i], enhancer=name, route=route[i],
+                       n_iter=None if n_iter is None else int(n_iter[i]),
+                       phase_strength=None if strength is None else float(strength[i]),
+                       enhance_ms=ms)
+            row.update({m: vals[m][i] for m in wanted})
+            if not eset.paired and "brightness" in vals:
+                y = vals["brightness"][i]
+                row["in_band"] = float(TARGET_BAND[0] <= y <= TARGET_BAND[1])
+            out_rows.append(row)
+    return out_rows
+
+
+_ID_COLUMNS = ("set", "kind", "image", "enhancer", "band", "input_brightness", "visibility",
+               "blur", "route", "n_iter", "phase_strength", "enhance_ms", "ref_brightness")
+
+
+def summarize(per_image: pd.DataFrame, by_band: Mapping[str, bool] | None = None,
+              sets: Sequence[EvalSet] | None = None) -> pd.DataFrame:
+    """Mean and std per (set, band, enhancer): ``band`` is ``'all'``, plus each input
+    brightness band for sets evaluated ``by_band`` (``sets`` or ``by_band`` say which;
+    default: unpaired sets) whose images span more than one band. Columns: ``set, kind,
+    band, enhancer, n, input_brightness, enhance_ms``, then ``<measure>_mean`` /
+    ``<measure>_std`` (``in_band_mean`` is the fraction of outputs with mean luma in
+    :data:`TARGET_BAND`). Rows keep the order of sets and enhancers as measured."""
+    if per_image.empty:
+        return pd.DataFrame(columns=["set", "kind", "band", "enhancer", "n"])
+    if by_band is None:
+        by_band = ({s.name: s.by_band for s in sets} if sets is not None else {})
+    measures = [c for c in per_image.columns if c not in _ID_COLUMNS]
+    set_order = list(dict.fromkeys(per_image["set"]))
+    enh_order = list(dict.fromkeys(per_image["enhancer"]))
+    band_order = [ALL] + [b for b, _, _ in BANDS]
+    rows = []
+    for set_name in set_order:
+        sub = per_image[per_image["set"] == set_name]
+        kind = sub["kind"].iloc[0]
+        banded = by_band.get(set_name, kind == "unpaired")
+        groups = [(ALL, sub)]
+        if banded and sub["band"].nunique() > 1:  # one band only: the 'all' row says it
+            groups += [(b, sub[sub["band"] == b]) for b in band_order[1:]]
+        for band, g in groups:
+            if g.empty:
+                continue
+            for enh in enh_order:
+                e = g[g["enhancer"] == enh]
+                if e.empty:
+                    continue
+                row = {"set": set_name, "kind": kind, "band": band, "enhancer": enh,
+                       "n": len(e), "input_brightness": e["input_brightness"].mean(),
+                       "enhance_ms": e["enhance_ms"].mean()}
+                for m in measures:
+                    col = e[m].dropna()
+                    if col.empty:
+                        continue
+                    row[f"{m}_mean"] = col.mean()
+                    row[f"{m}_std"] = col.std(ddof=0)
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def evaluate(
+    enhancers: Mapping[str, Any],
+    sets: Sequence[EvalSet],
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """The summary table (:func:`summarize`) of :func:`measure` (same arguments). To keep
+    the per-image values too, call the two yourself."""
+    return summarize(measure(enhancers, sets, device, batch_size, **kwargs), sets=sets)
+
+
+# --------------------------------------------------------------------------- Markdown
+
+DIGITS = {"psnr": 2, "ssim": 4, "brightness": 3, "overexposed": 4, "piqe": 2, "entropy": 3,
+          "sharpness": 1, "in_band": 2}
+
+
+def _info(name: str) -> MetricInfo | None:
+    if name == "in_band":
+        return MetricInfo("in_band", False, (0.0, 1.0),
+                          description=f"fraction of outputs with mean luma in {TARGET_BAND}")
+    try:
+        return metric_info(name)
+    except KeyError:
+        return None
+
+
+def _header(name: str) -> str:
+    if name == "in_band":
+        return f"in [{TARGET_BAND[0]:.2f}, {TARGET_BAND[1]:.2f}] ↑"
+    info = _info(name)
+    arrow = "" if info is None or info.lower_better is None else (
+        " ↓" if info.lower_better else " ↑")
+    return f"{name}{arrow}"
+
+
+def format_table(df: pd.DataFrame, std: bool = True, bold_best: bool = True) -> str:
+    """Markdown for docs/METHOD.md: one table per kind of set (paired, unpaired), one row per
+    (set, band, enhancer), a column per measure headed with its direction (↑ higher is
+    better, ↓ lower is better, from ``metric_info``; brightness has none: its target is
+    :data:`TARGET_BAND`), cells ``mean ± std``; the best enhancer (not the input) of each
+    set and band in bold."""
+    if df.empty:
+        return ""
+    blocks = []
+    for kind in list(dict.fromkeys(df["kind"])):
+        sub = df[df["kind"] == kind]
+        measures = [c[: -len("_mean")] for c in sub.columns
+                    if c.endswith("_mean") and sub[c].notna().any()]
+        show_band = (sub["band"] != ALL).any()
+        head = ["set"] + (["band"] if show_band else []) + ["enhancer", "n"]
+        head += [_header(m) for m in measures]
+        lines = ["| " + " | ".join(head) + " |",
+                 "| " + " | ".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + " |"]
+        best: dict[tuple, dict[str, float]] = {}
+        if bold_best:
+            for key, g in sub[sub["enhancer"] != INPUT].groupby(["set", "band"], sort=False):
+                best[key] = {}
+                for m in measures:
+                    info = _info(m)
+                    col = g[f"{m}_mean"].dropna()
+                    if info is None or info.lower_better is None or len(g) < 2 or col.empty:
+                        continue
+                    best[key][m] = col.min() if info.lower_better else col.max()
+        for _, r in sub.iterrows():
+            cells = [str(r["set"])] + ([str(r["band"])] if show_band else [])
+            cells += [str(r["enhancer"]), str(int(r["n"]))]
+            for m in measures:
+                mean = r.get(f"{m}_mean")
+                if mean is None or pd.isna(mean):
+                    cells.append("")
+                    continue
+                d = DIGITS.get(m, 3)
+                text = f"{mean:.{d}f}"
+                sd = r.get(f"{m}_std")
+                if std and sd is not None and not pd.isna(sd) and int(r["n"]) > 1:
+                    text += f" ± {sd:.{d}f}"
+                target = best.get((r["set"], r["band"]), {}).get(m)
+                if (r["enhancer"] != INPUT and target is not None
+                        and round(mean, d) == round(target, d)):
+                    text = f"**{text}**"
+                cells.append(text)
+            lines.append("| " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    legend = (f"↑ higher is better, ↓ lower is better; brightness (mean Rec.601 luma) has no "
+              f"direction: the target is [{TARGET_BAND[0]:.2f}, {TARGET_BAND[1]:.2f}]. "
+              f"Mean ± std over images; best enhancer per set and band in bold.")
+    return "\n\n".join(blocks) + "\n\n" + legend + "\n"

@@ -1,0 +1,402 @@
+"""``varlide-lite``: VICM -> [backbone slot, identity] -> VGPM, with score-based routing.
+
+This is VAR-LIDE without its VAR backbone (and so without SF-RoPE): never call it VAR-LIDE.
+Inputs are images ``(B, 3, H, W)`` in [0, 1] and the prior's v (visibility) and b (blur).
+
+Routing (per image, by thresholds on v and b; constructor arguments, defaults below):
+
+    full   if b >= full_blur                                  VICM then VGPM
+    skip   elif skip_visibility[0] <= v <= skip_visibility[1]  output = input, no compute
+    curve  otherwise                                          VICM only
+
+Defaults, on the ``analytic`` prior's scale (``varlide.priors.analytic``):
+``skip_visibility = (0.87, 0.97)`` is exposure E in [0.40, 0.60] (v = E^4 / (E^4 + 0.25^4)):
+a frame already in the exposure band the losses aim for (0.45 +- 0.1) is left alone, while
+darker frames are brightened and over-exposed ones (v > 0.97) still darkened.
+``full_blur = 0.30``: measured on every 20th train-sice photograph (512 px, light
+Poisson-Gaussian noise added), the analytic b is median 0.22 / 90th percentile 0.27 when
+sharp, median 0.27 / 0.32 / 0.35 after a 5 / 9 / 15 px motion blur; so at 0.30 nine in ten
+sharp frames skip VGPM and most frames blurred by 9 px or more get it. (b is scale
+dependent: blur is measured on a copy of at most 512 px; noise reads as sharpness.)
+``skip_visibility=None`` never skips; ``full_blur=0`` sends every non-skipped image through
+VGPM (evaluation uses ``skip_visibility=None, full_blur=0``: always full).
+
+Weights: ``save_pretrained(dir)`` writes ``model.safetensors`` and ``config.json`` (the
+architecture, the prior backend and model whose v/b scale training used, the sha256 of the
+weights file, and what the trainer adds); ``from_pretrained(path_or_uri)`` reads a folder
+or the ``.safetensors`` file (with ``config.json`` beside it) from any fsspec URI. The
+``version`` is the first 12 hex digits of the weights file's sha256 (``sha256sum``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult
+from varlide.models.vgpm import LOW_BAND, VGPM
+from varlide.models.vicm import VICM
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "varlide-enhancer-1"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+SKIP_VISIBILITY = (0.87, 0.97)
+FULL_BLUR = 0.30
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+# --------------------------------------------------------------------------- weights I/O
+
+
+def weights_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def default_weights_dir(name: str) -> Path:
+    """Where the shipped default weights of enhancer ``name`` live in the package."""
+    return WEIGHTS_DIR / name
+
+
+def _read(uri: str) -> bytes:
+    from varlide.storage.uri import filesystem  # lazy: models import only torch at load time
+
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def _join(base: str, name: str) -> str:
+    from varlide.storage.uri import join
+
+    return join(base, name)
+
+
+def missing_default_weights(name: str) -> FileNotFoundError:
+    path = default_weights_dir(name) / WEIGHTS_FILE
+    return FileNotFoundError(
+        f"{name}: the shipped default weights {path} are missing. Train them with "
+        f"`varlide train DATA OUT --enhancer {name}` (e.g. DATA = ../shared/data/train-sice) "
+        f"and copy OUT/final/ to {path.parent}/, or pass weights=PATH (--enhancer-weights)."
+    )
+
+
+class Pretrained:
+    """``save_pretrained`` / ``from_pretrained`` for an nn.Module with a dataclass config.
+
+    Subclasses set ``name``, ``config_class`` and keep their config in ``self.config``.
+    """
+
+    name: str
+    config_class: ClassVar[type]
+    config: Any
+    version: str
+    trained_prior: str | None
+    trained_prior_model: str | None
+    pretrained_info: dict[str, Any]
+
+    def save_pretrained(self, out: str | Path, extra: dict[str, Any] | None = None) -> str:
+        """Write ``model.safetensors`` + ``config.json`` under ``out`` (any fsspec URI);
+        returns the version (sha256 prefix) and sets ``self.version`` to it."""
+        from safetensors.torch import save
+
+        from varlide.storage.uri import filesystem
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        data = save(state, metadata={"format": FORMAT, "enhancer": self.name})
+        digest = weights_sha256(data)
+        meta = {
+            "format": FORMAT,
+            "enhancer": self.name,
+            "model": dataclasses.asdict(self.config),
+            "trained_prior": self.trained_prior,
+            "trained_prior_model": self.trained_prior_model,
+            "sha256": digest,
+            **(extra or {}),
+        }
+        out = str(out)
+        fs, base = filesystem(out)
+        fs.makedirs(base, exist_ok=True)
+        fs.pipe_file(_join(base, WEIGHTS_FILE), data)
+        fs.pipe_file(_join(base, CONFIG_FILE), json.dumps(meta, indent=1, sort_keys=True).encode())
+        self.version = digest[:12]
+        self.pretrained_info = meta
+        return self.version
+
+    @classmethod
+    def read_pretrained(cls, path_or_uri: str | Path) -> tuple[dict, dict[str, torch.Tensor], str]:
+        """(config.json as a dict, state dict, sha256) from a folder or a .safetensors file."""
+        from safetensors.torch import load
+
+        uri = str(path_or_uri).rstrip("/")
+        if uri.endswith(".safetensors"):
+            weights_uri = uri
+            config_uri = uri.rsplit("/", 1)[0] + "/" + CONFIG_FILE if "/" in uri else CONFIG_FILE
+        else:
+            weights_uri, config_uri = _join(uri, WEIGHTS_FILE), _join(uri, CONFIG_FILE)
+        try:
+            data = _read(weights_uri)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{cls.name}: weights file not found: {weights_uri}") from None
+        try:
+            meta = json.loads(_read(config_uri))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{cls.name}: {CONFIG_FILE} not found beside the weights: {config_uri}"
+            ) from None
+        digest = weights_sha256(data)
+        if meta.get("enhancer") != cls.name:
+            raise ValueError(
+                f"{weights_uri} holds weights of enhancer {meta.get('enhancer')!r}, "
+                f"not {cls.name!r}"
+            )
+        if meta.get("sha256") and meta["sha256"] != digest:
+            raise ValueError(
+                f"{weights_uri}: sha256 {digest[:12]} does not match its config.json "
+                f"({meta['sha256'][:12]}); the file is corrupt or was replaced"
+            )
+        return meta, load(data), digest
+
+    @classmethod
+    def config_from_meta(cls, meta: dict) -> Any:
+        known = {f.name for f in dataclasses.fields(cls.config_class)}
+        model = meta.get("model", {})
+        unknown = set(model) - known
+        if unknown:
+            raise ValueError(f"{cls.name}: unknown model config field(s) {sorted(unknown)}")
+        return cls.config_class(**model)
+
+    def prior_mismatch(self, backend: str, model: str | None) -> str | None:
+        """A warning text when v/b come from another prior than training used, else None."""
+        if self.trained_prior is None or (backend == self.trained_prior and (
+                self.trained_prior_model is None or model == self.trained_prior_model)):
+            return None
+        return (f"{self.name} {self.version} was trained on prior {self.trained_prior} "
+                f"({self.trained_prior_model}) scores, but is given {backend} ({model}) "
+                "scores: calibrate that backend onto the trained scale or retrain on it")
+
+    def _adopt(self, meta: dict, state: dict[str, torch.Tensor], digest: str) -> None:
+        self.load_state_dict(state, strict=True)
+        self.version = digest[:12]
+        self.trained_prior = meta.get("trained_prior")
+        self.trained_prior_model = meta.get("trained_prior_model")
+        self.pretrained_info = meta
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass
+class VarlideLiteConfig:
+    """Architecture (saved in config.json; changing it needs new weights)."""
+
+    n_iter: int = 8  # N: curve iterations / map triples
+    width: int = 32  # curve-net channels
+    downscale: float = 1.0  # curve maps estimated on a 1/downscale copy (Zero-DCE++), 1 = off
+    vicm: bool = True  # Theta_v truncation (False: fixed N iterations)
+    vgpm: bool = True  # phase modulation after the curve
+    vgpm_steps: int = 8  # T
+    vgpm_width: int = 16  # Psi_p channels
+    low_band: float = LOW_BAND  # VGPM keeps |f| < low_band (cycles/px) out, tapered to 2x
+    hidden: int = 16  # Theta_v / Theta_b hidden units
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+class VarlideLite(Pretrained, Enhancer):
+    """VICM + VGPM with routing. Training calls ``forward``; the engine calls ``enhance``."""
+
+    name = "varlide-lite"
+    config_class = VarlideLiteConfig
+
+    def __init__(
+        self,
+        config: VarlideLiteConfig | None = None,
+        *,
+        skip_visibility: tuple[float, float] | None = SKIP_VISIBILITY,
+        full_blur: float = FULL_BLUR,
+        precision: str = "auto",
+        channels_last: bool | None = None,
+        compile: bool = False,
+        downscale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or VarlideLiteConfig()
+        c = self.config
+        self.vicm = VICM(n_iter=c.n_iter, width=c.width, downscale=c.downscale, adaptive=c.vicm,
+                         hidden=c.hidden)
+        self.vgpm = (VGPM(steps=c.vgpm_steps, width=c.vgpm_width, low_band=c.low_band,
+                          hidden=c.hidden) if c.vgpm else None)
+        self.backbone: nn.Module = nn.Identity()  # the VAR backbone's slot (varlide-var)
+        self.version = "untrained"
+        self.trained_prior = "analytic"
+        self.trained_prior_model = None
+        self.pretrained_info: dict[str, Any] = {}
+        self.set_inference(skip_visibility=skip_visibility, full_blur=full_blur,
+                           precision=precision, channels_last=channels_last, compile=compile,
+                           downscale=downscale)
+
+    def set_inference(
+        self,
+        skip_visibility: tuple[float, float] | None = SKIP_VISIBILITY,
+        full_blur: float = FULL_BLUR,
+        precision: str = "auto",
+        channels_last: bool | None = None,
+        compile: bool = False,
+        downscale: float | None = None,
+    ) -> None:
+        """Inference-only settings (routing thresholds, precision ...); weights unchanged."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if skip_visibility is not None:
+            lo, hi = (float(t) for t in skip_visibility)
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"skip_visibility must be 0 <= lo <= hi <= 1, got {lo}, {hi}")
+            skip_visibility = (lo, hi)
+        if downscale is not None and downscale < 1:
+            raise ValueError(f"downscale must be >= 1, got {downscale}")
+        self.skip_visibility = skip_visibility
+        self.full_blur = float(full_blur)
+        self.precision = precision
+        self.channels_last = channels_last
+        self.use_compile = bool(compile)
+        self.downscale = downscale
+        self._compiled: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- training forward
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        b: torch.Tensor,
+        mask: str = "soft",
+        temperature: float = 0.1,
+        downscale: float | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Every route 'full'. Returns ``image`` (not clipped), ``curve_image``, ``maps``,
+        ``tau``, ``weights``, ``n_iter``, ``phase`` (VGPM's refined phase or None) and
+        ``strength`` (s(b) or None)."""
+        r = self.vicm(x, v, mask=mask, temperature=temperature, downscale=downscale)
+        y = self.backbone(r["image"])
+        out: dict[str, torch.Tensor | None] = {
+            "curve_image": r["image"], "maps": r["maps"], "tau": r["tau"],
+            "weights": r["weights"], "n_iter": r["n_iter"], "phase": None, "strength": None,
+        }
+        if self.vgpm is not None:
+            g = self.vgpm(y, b)
+            y = g["image"]
+            out.update(phase=g["phase"], strength=g["strength"])
+        out["image"] = y
+        return out
+
+    # ---------------------------------------------------------------- inference
+
+    def routes(self, v: torch.Tensor, b: torch.Tensor) -> list[str]:
+        """Per-image route by the thresholds (see the module docstring)."""
+        out = []
+        for vi, bi in zip(v.float().cpu().tolist(), b.float().cpu().tolist(), strict=True):
+            if bi >= self.full_blur:
+                out.append("full" if self.vgpm is not None else "curve")
+            elif self.skip_visibility and self.skip_visibility[0] <= vi <= self.skip_visibility[1]:
+                out.append("skip")
+            else:
+                out.append("curve")
+        return out
+
+    def _curve(self, x: torch.Tensor, v: torch.Tensor):
+        r = self.vicm(x, v, mask="hard", downscale=self.downscale)
+        return r["image"], r["n_iter"]
+
+    def _full(self, x: torch.Tensor, v: torch.Tensor, b: torch.Tensor):
+        img, n = self._curve(x, v)
+        g = self.vgpm(self.backbone(img), b)
+        return g["image"], n, g["strength"]
+
+    def _fn(self, key: str):
+        fn = self._curve if key == "curve" else self._full
+        if not self.use_compile:
+            return fn
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(fn, dynamic=None)
+        return self._compiled[key]
+
+    @torch.no_grad()
+    def enhance(
+        self, images: torch.Tensor, visibility: torch.Tensor, blur: torch.Tensor
+    ) -> EnhanceResult:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(images.shape)}")
+        n = images.shape[0]
+        dev = images.device
+        v = torch.as_tensor(visibility, device=dev).float().reshape(-1)
+        b = torch.as_tensor(blur, device=dev).float().reshape(-1)
+        if v.numel() != n or b.numel() != n:
+            raise ValueError(f"{v.numel()} visibilities / {b.numel()} blurs for {n} images")
+        routes = self.routes(v, b)
+        x = images.float()
+        cl = self.channels_last if self.channels_last is not None else dev.type == "cuda"
+        out = x.clone()
+        n_iter = torch.zeros(n, dtype=torch.int16, device=dev)
+        strength = torch.zeros(n, dtype=torch.float32, device=dev) if self.vgpm else None
+        for key in ("curve", "full"):
+            sel = [i for i, r in enumerate(routes) if r == key]
+            if not sel:
+                continue
+            idx = None if len(sel) == n else torch.tensor(sel, device=dev)
+            xs = x if idx is None else x.index_select(0, idx)
+            vs = v if idx is None else v.index_select(0, idx)
+            if cl:
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            with _autocast(dev, self.precision):
+                if key == "curve":
+                    y, it = self._fn(key)(xs, vs)
+                else:
+                    bs = b if idx is None else b.index_select(0, idx)
+                    y, it, s = self._fn(key)(xs, vs, bs)
+            y = y.float().clamp(0, 1).contiguous()
+            if idx is None:
+                out, n_iter = y, it.to(torch.int16)
+            else:
+                out.index_copy_(0, idx, y)
+                n_iter.index_copy_(0, idx, it.to(torch.int16))
+            if key == "full":
+                strength.index_copy_(0, idx if idx is not None else torch.arange(n, device=dev),
+                                     s.float())
+        return EnhanceResult(images=out.to(images.dtype) if images.is_floating_point() else out,
+                             route=routes, n_iter=n_iter, phase_strength=strength)
+
+    # ---------------------------------------------------------------- weights
+
+    @classmethod
+    def from_pretrained(cls, path_or_uri: str | Path, **inference: Any) -> VarlideLite:
+        """Load a folder / .safetensors written by ``save_pretrained``; ``inference`` are
+        routing / precision settings (see ``set_inference``)."""
+        meta, state, digest = cls.read_pretrained(path_or_uri)
+        model = cls(cls.config_from_meta(meta), **inference)
+        model._adopt(meta, state, digest)
+        return model
+
+
+@ENHANCERS.register("varlide-lite")
+def _make_varlide_lite(weights: str | None = None, **kw) -> VarlideLite:
+    """``weights=None``: the shipped default weights (varlide/weights/varlide-lite/)."""
+    if weights is None:
+        folder = default_weights_dir("varlide-lite")
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise missing_default_weights("varlide-lite")
+        weights = str(folder)
+    return VarlideLite.from_pretrained(weights, **kw)

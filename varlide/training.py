@@ -1,0 +1,723 @@
+"""The unsupervised enhancer trainer (library side; the Prefect flow ``train`` wraps it).
+
+``train(corpus_uri, out_dir, TrainConfig(...))`` trains ``varlide-lite`` (or ``zero-dce``,
+or an ablation variant) on any image corpus URI, with no reference images:
+
+Data
+    Every image under ``corpus_uri`` (``varlide.storage.listing`` rules) is read once into
+    memory as encoded bytes. The validation split is deterministic by content:
+    an image is held out when ``int(sha256(bytes)[:8], 16) / 2**32 < val_fraction`` (renaming
+    or reordering files does not move it; the same photograph in two folders lands on the same
+    side), capped at ``val_max`` images (the lowest hashes). On train-sice (33 % dark, 27 %
+    moderate, 39 % bright) the default (5 %, at most 48) holds out 48 images: 16 dark,
+    14 moderately lit, 18 bright by the mean luma of the degraded crop;
+    ``TrainResult.split`` reports the counts by class and the held-out paths.
+Batches
+    Step ``s`` draws its batch from ``numpy.random.default_rng([seed, s])``: ``batch_size``
+    images, a random crop of ``crop`` px of a copy rescaled by a random factor in
+    ``scale`` (so content scale varies), a random horizontal flip, then the paper's
+    degradation (``varlide.demo.degrade``): motion blur 1-15 px at a random angle (about a
+    third nearly sharp), Poisson-Gaussian noise, and with probability ``darken_prob`` (for a
+    crop whose mean luma is above 0.3) the demo's darkening (gamma 1-2, exposure 0.05-0.3),
+    otherwise the photograph's own exposure (train-sice holds dark *and* over-exposed
+    images: the curve must learn to brighten and to darken). The prior (``analytic`` by
+    default) scores the *augmented* crop, so Theta_v and Theta_b see the v and b they will
+    be given at inference. Batches are made in a background thread, ahead of the step.
+    A resumed run draws the same batches as an uninterrupted one.
+Optimisation
+    Adam (``lr``, ``weight_decay``), gradient-norm clip, a cosine learning-rate decay to
+    ``lr * lr_final``, a linear warm-up; VICM's soft truncation mask with its temperature
+    annealed geometrically from ``temperature[0]`` to ``temperature[1]``. bf16 autocast on
+    CUDA (``amp``); float32 on CPU.
+Checkpoints
+    Every ``checkpoint_every`` steps under ``out_dir/checkpoints/step-NNNNNNN/``:
+    ``model.safetensors`` + ``config.json`` (``save_pretrained``), ``optimizer.safetensors``
+    (Adam's tensors) and ``state.json`` (step, Adam's hyper-parameters, curves, the
+    train config), written last: a checkpoint without ``state.json`` is ignored. A new call
+    with the same ``out_dir`` resumes from the newest complete checkpoint (``steps`` may be
+    raised; any other change of the training config is an error). Only the newest
+    ``keep_checkpoints`` are kept. ``out_dir`` may be any fsspec URI.
+Result
+    ``out_dir/final/`` (the weights, loadable by ``from_pretrained``, with a ``training``
+    record in config.json) and ``out_dir/curves.json``; :class:`TrainResult`.
+
+Callbacks: ``on_metrics(step, {name: value})`` every ``log_every`` steps (train terms,
+``lr``, ``temperature``, ``steps_per_s``) and after each validation (``val/...``);
+``on_checkpoint(step, uri)`` after each checkpoint and for the final weights
+(``step`` = final step, ``uri`` = ``out_dir/final``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+CheckpointCallback = Callable[[int, str], None]
+
+BRIGHTNESS_BINS = (("dark", 0.0, 0.25), ("mid", 0.25, 0.5), ("bright", 0.5, 1.01))
+# Fields that may differ between a run and its resume (execution, schedule length, logging).
+RESUMABLE_FIELDS = frozenset({
+    "steps", "checkpoint_every", "keep_checkpoints", "val_every", "log_every", "device",
+    "threads", "prefetch",
+})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Plain data (JSON-ready via ``asdict``)."""
+
+    enhancer: str = "varlide-lite"  # "varlide-lite" | "zero-dce"
+    model: dict[str, Any] = field(default_factory=dict)  # VarlideLiteConfig / ZeroDCEConfig
+    loss: str = "varlide"  # "varlide" | "zero-dce"
+    loss_weights: dict[str, float] = field(default_factory=dict)  # overrides of the defaults
+    loss_options: dict[str, Any] = field(default_factory=dict)  # ed_mode, entropy_sign, ...
+    prior: str = "analytic"
+    steps: int = 800
+    batch_size: int = 16
+    crop: int = 64
+    scale: tuple[float, float] = (0.5, 1.0)
+    darken_prob: float = 0.25
+    blur_prob: float = 1.0  # 1 = the demo's mix (about a third nearly sharp)
+    noise: bool = True
+    lr: float = 5e-3
+    lr_final: float = 0.05  # final lr as a fraction of lr (cosine)
+    warmup: int = 50
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.5
+    mask: str = "soft"  # VICM truncation in training: soft | ste
+    temperature: tuple[float, float] = (1.0, 0.05)
+    val_fraction: float = 0.05
+    val_max: int = 48
+    val_crop: int = 128
+    val_every: int = 200
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 25
+    seed: int = 0
+    overfit_batches: int = 0  # > 0: cycle through only this many batches (debugging/tests)
+    max_images: int | None = None
+    device: str = "auto"
+    amp: bool = True
+    threads: int | None = None  # torch intra-op threads (None = torch's default)
+    prefetch: int = 3
+
+    def __post_init__(self) -> None:
+        self.scale = tuple(self.scale)
+        self.temperature = tuple(self.temperature)
+        if self.enhancer not in ("varlide-lite", "zero-dce"):
+            raise ValueError(f"enhancer: 'varlide-lite' or 'zero-dce', got {self.enhancer!r}")
+        if self.loss not in ("varlide", "zero-dce"):
+            raise ValueError(f"loss: 'varlide' or 'zero-dce', got {self.loss!r}")
+        for name in ("steps", "batch_size", "crop", "checkpoint_every", "log_every",
+                     "val_every", "val_crop", "keep_checkpoints", "prefetch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.crop < 16 or self.val_crop < 16:
+            raise ValueError(f"crop / val_crop: expected >= 16 px, got {self.crop}, "
+                             f"{self.val_crop}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale: expected 0 < lo <= hi <= 1, got {self.scale}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction: expected in [0, 1), got {self.val_fraction}")
+        if self.mask not in ("soft", "ste"):
+            raise ValueError(f"mask: 'soft' or 'ste', got {self.mask!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclass
+class TrainResult:
+    weights_uri: str  # out_dir/final (a from_pretrained folder)
+    version: str  # sha256 prefix of the final weights
+    steps: int
+    resumed_from: int | None
+    seconds: float
+    steps_per_s: float
+    curves: dict[str, list[float]]  # step, loss, each term, lr, temperature
+    val_curves: dict[str, list[float]]  # step, val/...
+    split: dict[str, Any]
+    checkpoints: list[str]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Image:
+    rel_path: str
+    data: bytes
+    sha256: str
+
+
+def _hash_fraction(sha: str) -> float:
+    return int(sha[:8], 16) / 2**32
+
+
+def _read_corpus(corpus_uri: str, max_images: int | None) -> list[_Image]:
+    from varlide.storage.listing import list_corpus
+    from varlide.storage.uri import filesystem, join
+
+    files = list_corpus(corpus_uri, limit=max_images)
+    if not files:
+        raise ValueError(f"no images found under {corpus_uri}")
+
+    def read(f):
+        fs, path = filesystem(join(corpus_uri, f.rel_path))
+        data = fs.cat_file(path)
+        return _Image(f.rel_path, data, hashlib.sha256(data).hexdigest())
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(read, files))
+
+
+def split_images(images: list, val_fraction: float, val_max: int) -> tuple[list, list]:
+    """Deterministic (train, val) by content hash; val capped at ``val_max`` (lowest hashes)."""
+    val = sorted((im for im in images if _hash_fraction(im.sha256) < val_fraction),
+                 key=lambda im: im.sha256)[:val_max]
+    held = {id(im) for im in val}
+    return [im for im in images if id(im) not in held], val
+
+
+def split_corpus(corpus_uri: str, val_fraction: float = 0.05, val_max: int = 48,
+                 max_images: int | None = None) -> tuple[list[str], list[str]]:
+    """The (train, val) relative paths ``train`` would use (for evaluation on held-out data)."""
+    tr, va = split_images(_read_corpus(corpus_uri, max_images), val_fraction, val_max)
+    return [im.rel_path for im in tr], [im.rel_path for im in va]
+
+
+def _decode_u8(data: bytes) -> np.ndarray | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:  # a broken file is skipped, never fatal for training
+        log.warning("training: undecodable image skipped (%s)", exc)
+        return None
+
+
+def _luma_mean(x: np.ndarray) -> float:
+    return float((x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114).mean())
+
+
+def _bin(mean: float) -> str:
+    for name, lo, hi in BRIGHTNESS_BINS:
+        if lo <= mean < hi:
+            return name
+    return "bright"
+
+
+def _random_crop(img: np.ndarray, size: int, scale: tuple[float, float],
+                 rng: np.random.Generator) -> np.ndarray:
+    """A ``size`` px float32 crop of ``img`` (uint8 HWC) rescaled by a factor in ``scale``."""
+    h, w = img.shape[:2]
+    s = rng.uniform(*scale)
+    side = min(int(round(size / s)), h, w)
+    y0 = int(rng.integers(0, h - side + 1))
+    x0 = int(rng.integers(0, w - side + 1))
+    flip = rng.random() < 0.5
+    region = img[y0:y0 + side, x0:x0 + side]
+    t = torch.from_numpy(np.array(region)).permute(2, 0, 1)[None].float() / 255
+    if side != size:
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=side > size)
+    out = t[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    return np.ascontiguousarray(out[:, ::-1] if flip else out)
+
+
+def _augment(clean: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> np.ndarray:
+    """The paper's degradation on a clean crop (see the module docstring)."""
+    from varlide.demo import degrade
+
+    darken = rng.random() < cfg.darken_prob
+    blur = rng.random() < cfg.blur_prob
+    over: dict[str, float] = {}
+    if not (darken and _luma_mean(clean) > 0.3):
+        over.update(gamma=1.0, exposure=1.0)
+    if not blur:
+        over["kernel_length"] = 1
+    if not cfg.noise:
+        over.update(noise_sigma=0.0, shot_noise=0.0)
+    low, _ = degrade(clean, rng, **over)
+    return low
+
+
+class _Batches:
+    """Makes step ``s``'s batch from ``default_rng([seed, s])``, ahead, in a thread."""
+
+    def __init__(self, images: list[_Image], cfg: TrainConfig, prior, start: int) -> None:
+        self.images, self.cfg, self.prior = images, cfg, prior
+        self.q: queue.Queue = queue.Queue(cfg.prefetch)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(start,), daemon=True,
+                                       name="train-batches")
+        self.thread.start()
+
+    def make(self, step: int):
+        cfg = self.cfg
+        key = step % cfg.overfit_batches if cfg.overfit_batches else step
+        rng = np.random.default_rng([cfg.seed, key])
+        crops = []
+        while len(crops) < cfg.batch_size:
+            img = _decode_u8(self.images[int(rng.integers(len(self.images)))].data)
+            if img is None:
+                continue
+            if min(img.shape[:2]) < cfg.crop:  # small image: upscale so a crop fits
+                k = cfg.crop / min(img.shape[:2])
+                t = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()
+                size = (max(cfg.crop, round(img.shape[0] * k)),
+                        max(cfg.crop, round(img.shape[1] * k)))
+                img = F.interpolate(t, size=size, mode="bilinear").clamp(0, 255)[0]
+                img = img.permute(1, 2, 0).round().byte().numpy()
+            clean = _random_crop(img, cfg.crop, cfg.scale, rng)
+            crops.append(_augment(clean, rng, cfg))
+        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+        s = self.prior.score(x)
+        return x, s.visibility.float(), s.blur.float()
+
+    def _run(self, start: int) -> None:
+        step = start
+        while not self.stop.is_set():
+            try:
+                item = (step, self.make(step))
+            except BaseException as exc:  # surfaced in the training loop
+                item = (step, exc)
+            while not self.stop.is_set():
+                try:
+                    self.q.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            step += 1
+
+    def get(self, step: int):
+        got, item = self.q.get()
+        if isinstance(item, BaseException):
+            raise RuntimeError(f"making the batch of step {got} failed: {item}") from item
+        assert got == step, (got, step)
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def _validation_set(images: list[_Image], cfg: TrainConfig, prior) -> dict[str, Any] | None:
+    """Fixed val crops: a 'natural' item per image (its own exposure, blur + noise), and a
+    'paired' one (darkened + blur + noise, reference = the clean crop) for moderately lit
+    sources (mean luma 0.3-0.6). Deterministic from the images' hashes."""
+    natural, paired, refs, bins = [], [], [], []
+    for im in images:
+        img = _decode_u8(im.data)
+        if img is None:
+            continue
+        h, w = img.shape[:2]
+        side = min(h, w)
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        t = torch.from_numpy(np.array(img[y0:y0 + side, x0:x0 + side]))
+        t = t.permute(2, 0, 1)[None].float() / 255
+        t = F.interpolate(t, size=(cfg.val_crop, cfg.val_crop), mode="bilinear",
+                          antialias=side > cfg.val_crop, align_corners=False).clamp(0, 1)
+        clean = np.ascontiguousarray(t[0].permute(1, 2, 0).numpy())
+        rng = np.random.default_rng([cfg.seed, 1_000_003, int(im.sha256[:8], 16)])
+        from varlide.demo import degrade
+
+        nat, _ = degrade(clean, rng, gamma=1.0, exposure=1.0)
+        natural.append(nat)
+        bins.append(_bin(_luma_mean(nat)))
+        m = _luma_mean(clean)
+        if 0.3 <= m <= 0.6:
+            low, _ = degrade(clean, rng)
+            paired.append(low)
+            refs.append(clean)
+    if not natural:
+        return None
+
+    def batch(arrs):
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+    out: dict[str, Any] = {"natural": batch(natural), "bins": bins}
+    s = prior.score(out["natural"])
+    out["nat_v"], out["nat_b"] = s.visibility.float(), s.blur.float()
+    if paired:
+        out["paired"], out["refs"] = batch(paired), batch(refs)
+        s = prior.score(out["paired"])
+        out["pair_v"], out["pair_b"] = s.visibility.float(), s.blur.float()
+    return out
+
+
+# --------------------------------------------------------------------------- model / loss
+
+
+def build_model(cfg: TrainConfig):
+    from varlide.models.varlide_lite import VarlideLite, VarlideLiteConfig
+    from varlide.models.zero_dce import ZeroDCE, ZeroDCEConfig
+
+    if cfg.enhancer == "zero-dce":
+        return ZeroDCE(ZeroDCEConfig(**cfg.model))
+    return VarlideLite(VarlideLiteConfig(**cfg.model))
+
+
+def build_loss(cfg: TrainConfig):
+    from varlide.losses import create_loss
+
+    return create_loss(cfg.loss, weights=cfg.loss_weights or None, **cfg.loss_options)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up then cosine from ``lr`` to ``lr * lr_final`` (step counts from 0)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def temperature_at(cfg: TrainConfig, step: int) -> float:
+    """Geometric anneal of VICM's soft-mask temperature over the run."""
+    t0, t1 = cfg.temperature
+    t = min(1.0, step / max(1, cfg.steps - 1))
+    return float(t0 * (t1 / t0) ** t)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                    meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def _list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (with state.json) as (step, uri), oldest first."""
+    from varlide.storage.uri import filesystem, join
+
+    fs, base = filesystem(join(out_dir, "checkpoints"))
+    try:
+        fs.invalidate_cache(base)
+        entries = fs.ls(base, detail=False)
+    except FileNotFoundError:
+        return []
+    found = []
+    for e in entries:
+        name = e.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("step-"):
+            continue
+        try:
+            step = int(name[5:])
+        except ValueError:
+            continue
+        uri = join(out_dir, "checkpoints", name)
+        fs2, p = filesystem(join(uri, "state.json"))
+        if fs2.exists(p):
+            found.append((step, uri))
+    return sorted(found)
+
+
+def _save_checkpoint(out_dir: str, step: int, model, opt, state: dict[str, Any],
+                     extra: dict[str, Any]) -> str:
+    from safetensors.torch import save
+
+    from varlide.storage.uri import filesystem, join
+
+    uri = join(out_dir, "checkpoints", _checkpoint_name(step))
+    model.save_pretrained(uri, extra=extra)
+    tensors, meta = _optimizer_tensors(opt)
+    fs, _ = filesystem(uri)
+    fs.pipe_file(filesystem(join(uri, "optimizer.safetensors"))[1], save(tensors))
+    state = {**state, "optimizer": meta}
+    fs.pipe_file(filesystem(join(uri, "state.json"))[1],
+                 json.dumps(state, indent=1).encode())  # written last: the marker
+    return uri
+
+
+def _prune_checkpoints(out_dir: str, keep: int) -> None:
+    from varlide.storage.uri import filesystem
+
+    for _, uri in _list_checkpoints(out_dir)[:-keep]:
+        fs, p = filesystem(uri)
+        try:
+            fs.rm(p, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+def _config_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    keys = set(saved) | set(now)
+    return sorted(k for k in keys if k not in RESUMABLE_FIELDS and saved.get(k) != now.get(k))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1 / mse)
+
+
+@torch.no_grad()
+def validate(model, loss_fn, val: dict[str, Any], device: torch.device, amp: bool,
+             chunk: int = 16) -> dict[str, float]:
+    """Validation measures with the inference path (hard truncation): ``val/loss`` and its
+    terms on the natural crops, ``val/brightness_<bin>`` and ``val/n_iter_<bin>`` by the
+    input's exposure class, ``val/psnr_paired`` against the clean crops."""
+    from varlide.priors.analytic import luma
+
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    try:
+        def run(x, v, b):
+            ys, ns, totals, terms = [], [], [], {}
+            for i in range(0, x.shape[0], chunk):
+                xi = x[i:i + chunk].to(device)
+                vi, bi = v[i:i + chunk].to(device), b[i:i + chunk].to(device)
+                with _autocast(device, amp):
+                    o = model(xi, vi, bi, mask="hard")
+                total, t = loss_fn(o, xi, vi, bi)
+                totals.append(float(total) * xi.shape[0])
+                for k, val_ in t.items():
+                    terms[k] = terms.get(k, 0.0) + val_ * xi.shape[0]
+                ys.append(o["image"].float().clamp(0, 1).cpu())
+                ns.append(o["n_iter"].float().cpu())
+            n = x.shape[0]
+            return torch.cat(ys), torch.cat(ns), sum(totals) / n, {k: s / n for k, s in
+                                                                    terms.items()}
+
+        y, n_iter, total, terms = run(val["natural"], val["nat_v"], val["nat_b"])
+        out["val/loss"] = total
+        out.update({f"val/{k}": v for k, v in terms.items()})
+        bright = luma(y).flatten(1).mean(1)
+        for name, _, _ in BRIGHTNESS_BINS:
+            idx = [i for i, bn in enumerate(val["bins"]) if bn == name]
+            if idx:
+                out[f"val/brightness_{name}"] = float(bright[idx].mean())
+                out[f"val/n_iter_{name}"] = float(n_iter[idx].mean())
+        if "paired" in val:
+            yp, _, _, _ = run(val["paired"], val["pair_v"], val["pair_b"])
+            out["val/psnr_paired"] = float(_psnr(yp, val["refs"]).mean())
+            out["val/psnr_paired_input"] = float(_psnr(val["paired"], val["refs"]).mean())
+    finally:
+        model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(
+    corpus_uri: str,
+    out_dir: str,
+    config: TrainConfig | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    on_metrics: MetricsCallback | None = None,
+) -> TrainResult:
+    """Train (or resume) an enhancer on the images under ``corpus_uri``; see the module doc."""
+    from safetensors.torch import load
+
+    from varlide.priors.base import create_prior
+    from varlide.storage.uri import filesystem, join
+    from varlide.tracking import redact
+
+    cfg = config or TrainConfig()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg.device)
+    started = time.perf_counter()
+
+    images = _read_corpus(corpus_uri, cfg.max_images)
+    train_set, val_set = split_images(images, cfg.val_fraction, cfg.val_max)
+    if not train_set:
+        raise ValueError(f"no training images left under {corpus_uri} after the validation split")
+    prior = create_prior(cfg.prior, device="cpu")
+    val = _validation_set(val_set, cfg, prior) if val_set else None
+    split = {
+        "train": len(train_set), "val": len(val_set),
+        "val_by_brightness": {n: (val["bins"].count(n) if val else 0)
+                              for n, _, _ in BRIGHTNESS_BINS},
+        "val_paired": int(val["paired"].shape[0]) if val and "paired" in val else 0,
+        "val_rel_paths": [im.rel_path for im in val_set],
+        "rule": f"sha256(bytes)[:8] / 2^32 < {cfg.val_fraction}, at most {cfg.val_max}",
+    }
+    if val and len(images) >= 100 and not split["val_by_brightness"]["mid"]:
+        log.warning("training: the validation split holds no moderately lit image")
+
+    with torch.random.fork_rng(devices=[]):  # the same seed gives the same initial weights
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg).to(device)
+    channels_last = device.type == "cuda"  # faster convolutions under bf16 autocast
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.trained_prior = prior.backend
+    model.trained_prior_model = prior.model
+    loss_fn = build_loss(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    curves: dict[str, list[float]] = {"step": [], "loss": []}
+    val_curves: dict[str, list[float]] = {"step": []}
+    start, resumed_from = 0, None
+    now_cfg = cfg.as_dict()
+    found = _list_checkpoints(out_dir)
+    if found:
+        step0, uri = found[-1]
+        fs, p = filesystem(join(uri, "state.json"))
+        state = json.loads(fs.cat_file(p))
+        diff = _config_diff(state["config"], now_cfg)
+        if diff:
+            raise ValueError(
+                f"{out_dir} holds a run with another training config (fields {diff}); "
+                "resume with the same config (only "
+                f"{sorted(RESUMABLE_FIELDS)} may change) or use a new output folder"
+            )
+        meta, weights, digest = type(model).read_pretrained(uri)
+        model._adopt(meta, {k: v.to(device) for k, v in weights.items()}, digest)
+        fs, p = filesystem(join(uri, "optimizer.safetensors"))
+        tensors = {k: v.to(device) for k, v in load(fs.cat_file(p)).items()}
+        _load_optimizer(opt, tensors, state["optimizer"])
+        curves, val_curves = state["curves"], state["val_curves"]
+        start = resumed_from = int(state["step"])
+        log.info("training: resumed from %s (step %d)", uri, start)
+
+    extra = {"training": {"data": redact(corpus_uri), "config": now_cfg,
+                          "split": {k: v for k, v in split.items() if k != "val_rel_paths"}}}
+    checkpoints: list[str] = []
+    batches = _Batches(train_set, cfg, prior, start) if start < cfg.steps else None
+    model.train()
+    window_t, window_n = time.perf_counter(), 0
+    sums: dict[str, float] = {}
+    steps_per_s = float("nan")
+    try:
+        for step in range(start, cfg.steps):
+            x, v, b = batches.get(step)
+            x, v, b = x.to(device, non_blocking=True), v.to(device), b.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            temp = temperature_at(cfg, step)
+            with _autocast(device, cfg.amp):
+                out = model(x, v, b, mask=cfg.mask, temperature=temp)
+            loss, terms = loss_fn(out, x, v, b)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training: loss is {float(loss)} at step {step + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+
+            done = step + 1
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, t in terms.items():
+                sums[k] = sums.get(k, 0.0) + t
+            window_n += 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                now = time.perf_counter()
+                steps_per_s = window_n / max(now - window_t, 1e-9)
+                metrics = {k: s / window_n for k, s in sums.items()}
+                if out.get("tau") is not None:
+                    metrics["tau_mean"] = float(out["tau"].detach().float().mean())
+                if out.get("strength") is not None:
+                    metrics["strength_mean"] = float(out["strength"].detach().float().mean())
+                curves["step"].append(done)
+                for k, val_ in metrics.items():
+                    curves.setdefault(k, []).append(val_)
+                metrics.update(lr=lr, temperature=temp, steps_per_s=steps_per_s)
+                for k in ("lr", "temperature", "steps_per_s"):
+                    curves.setdefault(k, []).append(metrics[k])
+                if on_metrics:
+                    on_metrics(done, metrics)
+                sums, window_n, window_t = {}, 0, now
+            if val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
+                vm = validate(model, loss_fn, val, device, cfg.amp)
+                val_curves["step"].append(done)
+                for k, val_ in vm.items():
+                    val_curves.setdefault(k, []).append(val_)
+                if on_metrics:
+                    on_metrics(done, vm)
+                window_t = time.perf_counter()  # validation time is not training speed
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                state = {"step": done, "config": now_cfg, "curves": curves,
+                         "val_curves": val_curves}
+                uri = _save_checkpoint(out_dir, done, model, opt, state, extra)
+                checkpoints.append(uri)
+                _prune_checkpoints(out_dir, cfg.keep_checkpoints)
+                if on_checkpoint:
+                    on_checkpoint(done, uri)
+                window_t = time.perf_counter()
+    finally:
+        if batches is not None:
+            batches.close()
+
+    final_uri = join(out_dir, "final")
+    seconds = time.perf_counter() - started
+    last_val = {k: v[-1] for k, v in val_curves.items() if k != "step" and v}
+    extra["training"].update(steps=cfg.steps, resumed_from=resumed_from,
+                             val=last_val, seconds_this_call=round(seconds, 1))
+    model.eval()
+    version = model.save_pretrained(final_uri, extra=extra)
+    fs, p = filesystem(join(out_dir, "curves.json"))
+    fs.pipe_file(p, json.dumps({"train": curves, "val": val_curves}, indent=1).encode())
+    if on_checkpoint:
+        on_checkpoint(cfg.steps, final_uri)
+    if math.isnan(steps_per_s) and curves.get("steps_per_s"):
+        steps_per_s = curves["steps_per_s"][-1]
+    return TrainResult(
+        weights_uri=final_uri, version=version, steps=cfg.steps, resumed_from=resumed_from,
+        seconds=seconds, steps_per_s=steps_per_s, curves=curves, val_curves=val_curves,
+        split=split, checkpoints=checkpoints,
+    )
