@@ -3,10 +3,17 @@
 Thin on purpose: per-image work is in ``varlide.engine``, planning and summaries in
 ``varlide.run``. The flow adds what orchestration owns: retries with backoff, concurrency
 (``workers`` shards in flight), the run lock, failure markers and Prefect artifacts.
+
+Execution: a thread runner on this machine by default; with ``dask`` (``--dask``) the shard
+tasks run on a Dask cluster through prefect-dask, either an existing one (its scheduler
+address) or ``local:N``, a ``LocalCluster`` of N single-threaded worker processes on loopback.
+GPU-bound shards carry the Dask resource annotation ``GPU=1``, so they run only on workers
+started with ``--resources GPU=1``, one at a time per GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -18,6 +25,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
@@ -25,13 +33,61 @@ from prefect.tasks import exponential_backoff
 from tasks.runs import plan_run_task, record_run_task
 from tasks.shards import process_shard_task
 from varlide import progress
-from varlide.config import Config
+from varlide.config import Config, ConfigError
 from varlide.engine import worker_name
 from varlide.storage.runstore import RunStore
 
 
 def _artifact_key(run_id: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"varlide-{what}-{run_id}".lower())[:100]
+
+
+def _local_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def task_runner_for(cfg: Config):
+    """The flow's task runner: threads here (default), or Dask (``cfg.dask``)."""
+    if not cfg.dask:
+        return ThreadPoolTaskRunner(max_workers=cfg.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.dask.startswith("local:"):
+        kwargs: dict[str, Any] = {
+            "n_workers": int(cfg.dask.removeprefix("local:")), "threads_per_worker": 1,
+            "processes": True, "host": "127.0.0.1", "dashboard_address": None}
+        if cfg.device != "cpu" and _local_cuda():  # each worker process shares this GPU
+            kwargs["resources"] = {"GPU": 1}
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+    return DaskTaskRunner(address=cfg.dask)
+
+
+def _shard_annotations(cfg: Config, logger) -> contextlib.AbstractContextManager:
+    """Dask annotations for submitting shard tasks: ``resources={'GPU': 1}`` when GPU-bound.
+
+    GPU-bound: ``device cuda``, or ``auto`` on a cluster with GPU workers (workers resolve
+    ``auto`` themselves; a cluster without any runs ``auto`` on CPU, unannotated).
+    """
+    if not cfg.dask or cfg.device == "cpu":
+        return contextlib.nullcontext()
+    ctx = FlowRunContext.get()
+    client = ctx.task_runner.client if ctx is not None else None
+    workers = {} if client is None else client.scheduler_info()["workers"]
+    gpus = [a for a, w in workers.items() if (w.get("resources") or {}).get("GPU", 0) >= 1]
+    if not gpus:
+        if cfg.device == "auto":
+            return contextlib.nullcontext()
+        if workers:
+            raise ConfigError(f"device: cuda on Dask cluster {cfg.dask}, but none of its "
+                              f"{len(workers)} worker(s) advertises a GPU resource (start GPU "
+                              "workers with `dask worker ADDRESS --resources GPU=1`)")
+        logger.warning("no Dask worker yet: GPU shards wait for one with --resources GPU=1")
+    import dask
+
+    logger.info("shard tasks need a GPU resource; %d GPU worker(s) now", len(gpus))
+    return dask.annotate(resources={"GPU": 1})
 
 
 @flow(name="varlide-enhance", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -51,12 +107,15 @@ def enhance_flow(input_uri: str, output_uri: str, config: dict[str, Any],
     processed = 0
     reporter = progress.Progress(plan.images, plan.images - sum(len(s.files) for s in plan.pending),
                                  show_bar=cfg.progress, desc=f"run {plan.run_id}")
-    progress.register(plan.run_id, reporter)
+    per_batch = not cfg.dask  # tasks in this process report per batch; Dask ones cannot
+    if per_batch:
+        progress.register(plan.run_id, reporter)
     with store.lock(owner=worker_name()):
         artifact = create_progress_artifact(
             100.0 * len(plan.done) / max(1, len(plan.shards)),
             key=_artifact_key(plan.run_id, "progress"), description=f"run {plan.run_id}")
-        futures = {task.submit(plan.job(s)): s.index for s in plan.pending}
+        with _shard_annotations(cfg, logger):
+            futures = {task.submit(plan.job(s)): s.index for s in plan.pending}
         done = len(plan.done)
         try:
             for future in as_completed(list(futures)):
@@ -64,6 +123,8 @@ def enhance_flow(input_uri: str, output_uri: str, config: dict[str, Any],
                 try:
                     result = future.result()
                     processed += result.rows
+                    if not per_batch:
+                        reporter.update(result.rows, result.errors)
                 except Exception as exc:  # after its retries
                     failed[index] = f"{type(exc).__name__}: {exc}"
                     store.write_failure(index, failed[index])
@@ -96,7 +157,7 @@ def enhance_flow(input_uri: str, output_uri: str, config: dict[str, Any],
 
 def run_enhance(input_uri: str, output_uri: str, cfg: Config, fresh: bool = False
                 ) -> dict[str, Any]:
-    """Run the flow with ``cfg.workers`` shards in flight (thread runner on this machine)."""
-    runner = ThreadPoolTaskRunner(max_workers=cfg.workers)
+    """Run the flow: ``cfg.workers`` shards in flight here, or on Dask (``cfg.dask``)."""
+    runner = task_runner_for(cfg)
     return enhance_flow.with_options(task_runner=runner)(
         input_uri, output_uri, cfg.model_dump(mode="json"), fresh)

@@ -101,3 +101,17 @@ def mlflow_sqlite(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # default artifact root ./mlruns lands in tmp_path
     return uri
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_mlflow(tmp_path_factory):
+    """No test writes MLflow data into the working tree: a session-wide SQLite store unless a
+    test sets its own (``mlflow_sqlite``, a real server)."""
+    root = tmp_path_factory.mktemp("mlflow-session")
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    yield
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved

@@ -45,3 +45,9 @@ def test_dataset_defaults_to_last_path_component():
 def test_reference_adds_full_reference_metrics():
     assert "psnr" not in Config().quality_metric_names()
     assert Config(reference="/r").quality_metric_names()[-2:] == ("psnr", "ssim")
+
+
+def test_enhancer_options_change_the_run_id():
+    routed = Config(enhancer_options={"full_blur": 0.2})
+    assert routed.run_id_for("/d") != Config().run_id_for("/d")
+    assert routed.output_config()["enhancer_options"] == {"full_blur": 0.2}

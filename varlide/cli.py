@@ -35,6 +35,9 @@ def _enhance_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", help="run id (default: hash of input + output-changing config)")
     p.add_argument("--fresh", action="store_true", help="discard this run id's outputs first")
     p.add_argument("--workers", type=int, help="shards in flight on this machine")
+    p.add_argument("--dask", metavar="ADDRESS", help="run the shards on a Dask cluster: its "
+                   "scheduler address (tcp://host:8786), or local:N for N worker processes "
+                   "here; GPU runs go to workers started with --resources GPU=1")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--enhancer", help="registered enhancer name (default classic-curve)")
     p.add_argument("--weights", dest="enhancer_weights", help="enhancer weights path or URI")
@@ -65,7 +68,7 @@ def _enhance_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_enhance)
 
 
-CONFIG_FLAGS = ("dataset", "shard_size", "run_id", "workers", "device", "enhancer",
+CONFIG_FLAGS = ("dataset", "shard_size", "run_id", "workers", "dask", "device", "enhancer",
                 "enhancer_weights", "prior", "prior_model", "prior_calibration", "metrics",
                 "enhance", "include", "exclude", "limit",
                 "format", "quality", "apply_exif", "reference", "batch_size", "iqa_max_side",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -75,6 +76,9 @@ class Config(BaseModel):
         description="clip prior: [blurry, sharp]-style pairs; b = P(first), pair mean")
     enhancer: str = "classic-curve"
     enhancer_weights: str | None = Field(None, description="path/URI of enhancer weights")
+    enhancer_options: dict[str, Any] = Field(
+        default_factory=dict, description="enhancer keyword options, e.g. varlide-lite routing "
+        "{skip_visibility: [0.87, 0.97], full_blur: 0.3}")
     enhance: bool = Field(True, description="False: scores only, no enhanced images")
     metrics: tuple[str, ...] = DEFAULT_METRICS
     reference_metrics: tuple[str, ...] = DEFAULT_REFERENCE_METRICS
@@ -87,6 +91,10 @@ class Config(BaseModel):
     # --- execution (do not change outputs) ---
     run_id: str | None = None
     workers: int = Field(1, ge=1, le=256, description="shards in flight on this machine")
+    dask: str | None = Field(None, description="run shards on Dask: a scheduler address "
+                             "(tcp://host:8786) or 'local:N' (N worker processes here)")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op "
+                                      "threads per process (set once; default: torch's)")
     device: Literal["cpu", "cuda", "auto"] = "auto"
     batch_size: int = Field(8, ge=1, le=4096)
     decode_threads: int = Field(4, ge=1, le=256)
@@ -111,6 +119,22 @@ class Config(BaseModel):
             return tuple(tuple(p) if isinstance(p, list | tuple) else p for p in value)
         return value
 
+    @field_validator("dask")
+    @classmethod
+    def _dask_target(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if value.startswith("local:"):
+            n = value.removeprefix("local:")
+            if not n.isdigit() or not 1 <= int(n) <= 1024:
+                raise ValueError(f"'local:N' needs a worker count N in 1..1024, got {value!r}")
+            return f"local:{int(n)}"
+        if value.startswith("local") or not re.fullmatch(r"([a-z0-9+]+://)?[^\s/]+:\d+", value):
+            raise ValueError(f"expected a scheduler address (tcp://host:8786) or 'local:N', "
+                             f"got {value!r}")
+        return value
+
     @field_validator("include", "exclude", "metrics", "reference_metrics", mode="before")
     @classmethod
     def _to_tuple(cls, value: Any) -> Any:
@@ -124,7 +148,8 @@ class Config(BaseModel):
     output_fields: ClassVar[tuple[str, ...]] = (
         "dataset", "shard_size", "include", "exclude", "limit", "prior", "prior_model",
         "prior_calibration", "clip_visibility_prompts", "clip_blur_prompts", "enhancer",
-        "enhancer_weights", "enhance", "metrics", "reference_metrics", "reference",
+        "enhancer_weights", "enhancer_options", "enhance", "metrics", "reference_metrics",
+        "reference",
         "iqa_max_side", "format", "quality", "apply_exif", "max_pixels",
     )
 

@@ -28,6 +28,7 @@ Then the shard's Parquet file is written whole, and only then its completion mar
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -134,8 +135,8 @@ _STAGES_LOCK = threading.Lock()
 def _stage_key(cfg: Config, device: torch.device) -> tuple:
     return (cfg.prior, cfg.prior_model, cfg.prior_calibration, cfg.clip_visibility_prompts,
             cfg.clip_blur_prompts, cfg.enhancer if cfg.enhance else None, cfg.enhancer_weights,
-            cfg.metrics, cfg.reference_metrics if cfg.reference else (), str(device),
-            _calibrations_state(cfg))
+            json.dumps(cfg.enhancer_options, sort_keys=True), cfg.metrics,
+            cfg.reference_metrics if cfg.reference else (), str(device), _calibrations_state(cfg))
 
 
 def _calibrations_state(cfg: Config) -> tuple:
@@ -159,7 +160,7 @@ def get_stages(cfg: Config) -> Stages:
             enhancer = None
             if cfg.enhance:
                 enhancer = create_enhancer(cfg.enhancer, weights=cfg.enhancer_weights,
-                                           device=device)
+                                           device=device, **cfg.enhancer_options)
             ref_names = cfg.reference_metrics if cfg.reference else ()
             _STAGES[key] = Stages(
                 device=device,
@@ -486,6 +487,28 @@ def compute_plan(device: torch.device, workers: int = 1) -> tuple[int, int]:
     return lanes, max(1, budget // lanes)
 
 
+_TORCH_THREADS_SET = False
+
+
+def set_torch_threads(n: int | None) -> None:
+    """torch's intra-op threads of this process, once (the first config that sets it wins).
+
+    The budget ``compute_plan`` divides; a Dask worker process or a benchmark sets it so
+    that N processes on one machine do not each take every core. None: leave torch's.
+    """
+    global _TORCH_THREADS_SET, _THREADS_SAVED
+    if not n or _TORCH_THREADS_SET:
+        return
+    with _THREADS_LOCK:
+        if _TORCH_THREADS_SET:
+            return
+        if _THREADS_USERS:  # shards in flight: restored to n when they finish
+            _THREADS_SAVED = n
+        elif torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        _TORCH_THREADS_SET = True
+
+
 @contextmanager
 def _intra_op_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to ``n`` while any shard runs; the old value after."""
@@ -521,6 +544,7 @@ def _done_future(fn: Callable[..., Any], *args: Any) -> Future:
 def process_shard(job: ShardJob, progress: ProgressCallback | None = None) -> ShardResult:
     """Run one shard end to end: images, then its Parquet file, then its done marker."""
     cfg = Config(**job.config)
+    set_torch_threads(cfg.torch_threads)
     stages = get_stages(cfg)
     lanes, intra_op = compute_plan(stages.device, cfg.workers)
     with _intra_op_threads(intra_op):

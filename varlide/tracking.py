@@ -31,6 +31,19 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def _default_artifact_location() -> str | None:
+    """Artifacts beside a local SQLite store (``<db dir>/mlartifacts``), not in the cwd.
+
+    MLflow's own default for a SQLite store is ``./mlruns`` of whatever directory the process
+    happens to run in; keeping them next to the database keeps a store self-contained.
+    """
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = os.path.abspath(uri.removeprefix("sqlite:///"))
+        return "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
+    return None
+
+
 def _client():
     from mlflow.tracking import MlflowClient
 
@@ -44,7 +57,7 @@ def _experiment_id(client, name: str) -> str:
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=_default_artifact_location())
     except Exception:  # created concurrently by another process
         return client.get_experiment_by_name(name).experiment_id
 
