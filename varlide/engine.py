@@ -57,7 +57,7 @@ from varlide.priors.calibration import prior_for_run
 from varlide.storage.plan import PlannedFile, Shard
 from varlide.storage.results import SCHEMA_VERSION, write_rows
 from varlide.storage.runstore import RunStore
-from varlide.storage.uri import UnsafePathError, filesystem, join
+from varlide.storage.uri import UnsafePathError, filesystem, join, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -445,12 +445,7 @@ def _write_enhanced(store: RunStore, item: Loaded, pixels: np.ndarray, quality: 
     row = item.row
     try:
         uri = store.enhanced_uri(item.file.out_rel_path)
-        data = encode_image(pixels, item.file.out_format, quality)
-        fs, path = filesystem(uri)
-        parent = path.rsplit("/", 1)[0]
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            fs.makedirs(parent, exist_ok=True)
-        fs.pipe_file(path, data)
+        write_bytes(uri, encode_image(pixels, item.file.out_format, quality))
         row["enhanced_uri"] = uri
     except Exception as exc:  # a write failure is this image's error, not the shard's
         row.update(status="error", error=f"write failed: {type(exc).__name__}: {exc}")

@@ -8,14 +8,13 @@ to a temporary name then renamed on a local disk, in one PUT on object storage.
 from __future__ import annotations
 
 import io
-import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from varlide.storage.uri import filesystem
+from varlide.storage.uri import filesystem, write_bytes
 
 SCHEMA_VERSION = 1
 
@@ -82,28 +81,9 @@ def rows_to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table
 
 def write_table(table: pa.Table, uri: str) -> None:
     """Write one Parquet file whole: temp + rename locally, a single PUT remotely."""
-    fs, path = filesystem(uri)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue()
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols:
-        parent, _, name = path.rpartition("/")
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        # Hidden temp name in the same folder: a crash leaves nothing that readers
-        # (pyarrow ignores "."-prefixed files, '*.parquet' globs miss it) would pick up.
-        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with fs.open(tmp, "wb") as fh:
-                fh.write(data)
-            fs.mv(tmp, path)
-        except BaseException:
-            if fs.exists(tmp):
-                fs.rm_file(tmp)
-            raise
-    else:
-        fs.pipe_file(path, data)
+    write_bytes(uri, buf.getvalue())
 
 
 def write_rows(rows: Iterable[dict[str, Any]], metric_names: Sequence[str], uri: str) -> int:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from varlide.storage.uri import filesystem, join, safe_relpath
+from varlide.storage.uri import filesystem, join, safe_relpath, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -69,24 +69,7 @@ def _is_local(fs) -> bool:
 
 
 def _write_bytes(uri: str, data: bytes) -> None:
-    """Write a small object whole: temp + rename locally, one PUT elsewhere."""
-    fs, path = filesystem(uri)
-    if _is_local(fs):
-        parent, _, name = path.rpartition("/")
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    else:
-        fs.pipe_file(path, data)
-        fs.invalidate_cache(path)
+    write_bytes(uri, data)
 
 
 def _dumps(obj: Any) -> bytes:

@@ -7,9 +7,11 @@ explicitly so a private endpoint (MinIO, moto) works with every botocore version
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
+import uuid
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -84,3 +86,34 @@ def join(base: str, *rels: str) -> str:
         rel = safe_relpath(rel)
         out = f"{out}{rel}" if (not out or out.endswith("/")) else f"{out}/{rel}"
     return out
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one object whole: temp + rename on a local disk, a single PUT elsewhere.
+
+    The local temp name is hidden (``.name.tmp-xxxx``) in the same folder, so a crash
+    leaves nothing that readers pick up (pyarrow ignores dot files, ``*.parquet`` globs miss
+    them). The one place that decides how varlide writes a file.
+    """
+    fs, path = filesystem(uri)
+    if is_local_fs(fs):
+        parent, _, name = path.rpartition("/")
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)
+        fs.invalidate_cache(path)
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols
