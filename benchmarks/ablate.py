@@ -1,4 +1,4 @@
-"""Enhancer ablations: train the variants on a reduced budget, then evaluate them.
+r"""Enhancer ablations: train the variants on a reduced budget, then evaluate them.
 
     .venv/bin/python benchmarks/ablate.py train --data ../shared/data/train-sice \
         --out /tmp/train/ablate --steps 100 --warmup 25 --variants a,b,c,d,e
@@ -64,6 +64,93 @@ def cmd_train(args) -> None:
               f"version {res.version}, weights {res.weights_uri}", flush=True)
 
 
+def cmd_ship(args) -> None:
+    """The shipped model: varlide-lite (VICM + VGPM), the full recipe (warm-up 50)."""
+    from varlide.training import train
+
+    cfg = recipe(args.steps, enhancer="varlide-lite", warmup=50, val_every=200,
+                 checkpoint_every=50, keep_checkpoints=5,
+                 loss_options={"entropy_sign": args.entropy_sign},
+                 **({"lr": args.lr} if args.lr else {}))
+    print(f"== shipped: {json.dumps(cfg.as_dict())}", flush=True)
+    t0 = time.time()
+    res = train(args.data, args.out, cfg, on_metrics=lambda step, m: print(
+        f"[shipped] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in m.items()), flush=True))
+    print(f"== shipped done: {res.steps} steps in {time.time() - t0:.0f} s, version "
+          f"{res.version}, weights {res.weights_uri}", flush=True)
+
+
+def build_sets(data_root: str, limit: int | None, seeds: int, dev_max_side: int | None):
+    """The issue's four sets, with train-sice's held-out images taken from the *trainer's*
+    split (``split_corpus``: content hash, 5 %, at most 48), so no evaluated image was
+    trained on."""
+    from varlide.evaluation import MODERATE, paired_from_folder, paired_synthetic, unpaired_folder
+    from varlide.training import split_corpus
+
+    sice = os.path.join(data_root, "train-sice")
+    held = split_corpus(sice)[1]
+    return [
+        paired_synthetic(seeds=tuple(range(seeds))),
+        paired_from_folder(sice, held, limit=limit, max_side=256, name="sice-paired"),
+        unpaired_folder(os.path.join(data_root, "dev-lowlight"), "dev-lowlight",
+                        max_side=dev_max_side),
+        unpaired_folder(sice, "sice-moderate", held, brightness=MODERATE, limit=limit,
+                        max_side=256),
+    ], held
+
+
+def build_enhancers(out: str, shipped: str | None, variants: str = "a,b,c,d,e",
+                    baselines: bool = True):
+    """Display name -> enhancer; learned ones with full routing (never skip, VGPM always)."""
+    from varlide.models.base import create_enhancer
+
+    full = dict(skip_visibility=None, full_blur=0.0)
+    enh: dict = {"input": None}
+    if baselines:
+        enh["classic-curve"] = "classic-curve"
+    for key, (name, kw) in VARIANTS.items():
+        if key not in variants.split(","):
+            continue
+        w = os.path.join(out, name, "final")
+        if not os.path.exists(os.path.join(w, "model.safetensors")):
+            print(f"({key} {name}: no weights at {w}, row left out)", flush=True)
+            continue
+        if kw["enhancer"] == "zero-dce":
+            enh[name] = create_enhancer("zero-dce", weights=w)
+        else:
+            enh[name] = create_enhancer("varlide-lite", weights=w, **full)
+    if shipped:
+        enh["varlide-lite (shipped)"] = create_enhancer("varlide-lite", weights=shipped, **full)
+    return enh
+
+
+def cmd_eval(args) -> None:
+    from varlide.evaluation import format_table, measure, summarize
+
+    t0 = time.time()
+    sets, held = build_sets(args.data_root, args.max_images, args.seeds, args.dev_max_side)
+    for s in sets:
+        print(f"set {s.name}: {len(s)} images ({s.description})", flush=True)
+    enh = build_enhancers(args.out, args.shipped, args.variants, not args.no_baselines)
+    per = measure(enh, sets, batch_size=8, iqa_max_side=args.iqa_max_side)
+    os.makedirs(args.out, exist_ok=True)
+    tag = f"-{args.tag}" if args.tag else ""
+    per.to_csv(os.path.join(args.out, f"eval_per_image{tag}.csv"), index=False)
+    for extra in args.merge or []:  # per-image tables of earlier calls (same sets)
+        import pandas as pd
+
+        old = pd.read_csv(extra)
+        old = old[~old["enhancer"].isin(set(per["enhancer"]))]
+        per = pd.concat([old, per], ignore_index=True)
+    df = summarize(per, sets=sets)
+    df.to_csv(os.path.join(args.out, f"eval_summary{tag}.csv"), index=False)
+    table = format_table(df)
+    with open(os.path.join(args.out, f"eval{tag}.md"), "w") as f:
+        f.write(table)
+    print(table)
+    print(f"eval took {time.time() - t0:.0f} s", flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,8 +162,28 @@ def main(argv=None) -> None:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--warmup", type=int, default=None, help="default: the recipe's 50")
     t.add_argument("--variants", default="a,b,c,d,e")
+    s = sub.add_parser("ship", help="train the shipped varlide-lite on the full recipe")
+    s.add_argument("--data", default="../shared/data/train-sice")
+    s.add_argument("--out", default="/tmp/train/shipped")
+    s.add_argument("--steps", type=int, default=800)
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--entropy-sign", type=float, default=1.0)
+    e = sub.add_parser("eval")
+    e.add_argument("--data-root", default="../shared/data")
+    e.add_argument("--out", default="/tmp/train/ablate")
+    e.add_argument("--shipped", default=None, help="weights folder of the shipped model")
+    e.add_argument("--max-images", type=int, default=12,
+                   help="at most this many held-out train-sice images per set")
+    e.add_argument("--seeds", type=int, default=3, help="synthetic set: seeds 0..N-1")
+    e.add_argument("--dev-max-side", type=int, default=None,
+                   help="area-downscale dev-lowlight inputs to this long side")
+    e.add_argument("--iqa-max-side", type=int, default=512)
+    e.add_argument("--variants", default="a,b,c,d,e", help="ablation rows to measure")
+    e.add_argument("--no-baselines", action="store_true", help="leave out classic-curve")
+    e.add_argument("--tag", default="", help="suffix of the output files")
+    e.add_argument("--merge", nargs="*", help="per-image CSVs of earlier calls to merge in")
     args = p.parse_args(argv)
-    cmd_train(args)
+    {"train": cmd_train, "ship": cmd_ship, "eval": cmd_eval}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,10 @@ CHECKS = (
     ("q_sharpness_out", 1e-5, 1e-6),
     ("q_piqe_out", 1e-5, 1e-5),
     ("q_psnr_out", 1e-6, 1e-6),
-    ("q_ssim_in", 1e-6, 1e-9),
-    ("q_ssim_out", 1e-6, 1e-9),
+    # pyiqa's ssim rounds luma to 8 bits: a 1-ulp difference in an input pixel (batched vs
+    # single-image float ops) can flip one pixel's rounding, which moves SSIM by ~1e-6.
+    ("q_ssim_in", 0.0, 1e-5),
+    ("q_ssim_out", 0.0, 1e-5),
 )
 PIXEL_FILES = 3  # enhanced images compared pixel by pixel
 

@@ -57,11 +57,35 @@ def task_runner_for(cfg: Config):
     if cfg.dask.startswith("local:"):
         kwargs: dict[str, Any] = {
             "n_workers": int(cfg.dask.removeprefix("local:")), "threads_per_worker": 1,
-            "processes": True, "host": "127.0.0.1", "dashboard_address": None}
+            "processes": True, "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
         if cfg.device != "cpu" and _local_cuda():  # each worker process shares this GPU
             kwargs["resources"] = {"GPU": 1}
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
     return DaskTaskRunner(address=cfg.dask)
+
+
+def _shared_api(cfg: Config) -> contextlib.AbstractContextManager:
+    """``local:N`` workers report to this process's Prefect API, not a temporary one each.
+
+    With no ``PREFECT_API_URL``, Prefect starts a temporary server per process; the flow's
+    settings travel to Dask workers with each task, so the flow runs with the URL of this
+    process's temporary server set. (A remote cluster needs a ``PREFECT_API_URL`` that its
+    workers can reach; loopback would not be.)
+    """
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        temporary_settings,
+    )
+
+    if (not (cfg.dask or "").startswith("local:") or PREFECT_API_URL.value()
+            or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()):
+        return contextlib.nullcontext()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one Prefect's client would start in this process
+    server.start()
+    return temporary_settings({PREFECT_API_URL: server.api_url})
 
 
 def _shard_annotations(cfg: Config, logger) -> contextlib.AbstractContextManager:
@@ -159,5 +183,6 @@ def run_enhance(input_uri: str, output_uri: str, cfg: Config, fresh: bool = Fals
                 ) -> dict[str, Any]:
     """Run the flow: ``cfg.workers`` shards in flight here, or on Dask (``cfg.dask``)."""
     runner = task_runner_for(cfg)
-    return enhance_flow.with_options(task_runner=runner)(
-        input_uri, output_uri, cfg.model_dump(mode="json"), fresh)
+    with _shared_api(cfg):
+        return enhance_flow.with_options(task_runner=runner)(
+            input_uri, output_uri, cfg.model_dump(mode="json"), fresh)

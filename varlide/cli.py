@@ -6,6 +6,8 @@
     varlide report OUTPUT [--run ID]         a run's self-contained HTML report
     varlide demo-corpus OUT                  a small synthetic night-time corpus + references
     varlide train DATA OUT                   zero-reference training of an enhancer
+    varlide retrain OUTPUT --dataset D       retrain on the newest scores; gated promotion
+    varlide serve OUTPUT --dataset D         serve retrain (cron) and enhance with Prefect
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     from varlide.run import prepare_run
 
     overrides = {k: getattr(args, k) for k in CONFIG_FLAGS}
-    cfg = load_config(args.config, overrides)
+    cfg = _pin_registry_weights(load_config(args.config, overrides))
     if args.dry_run:
         plan = prepare_run(args.input, args.output, cfg, fresh=args.fresh, write=False)
         print(plan.describe())
@@ -98,6 +100,19 @@ def cmd_enhance(args: argparse.Namespace) -> int:
               "re-run the same command to retry them", file=sys.stderr)
         return EXIT_FAILED_SHARDS
     return EXIT_OK
+
+
+def _pin_registry_weights(cfg):
+    """``--weights models:/NAME@ALIAS`` -> ``models:/NAME/VERSION`` (the version the alias
+    names now), so the run id and the run's record name the weights actually used."""
+    w = cfg.enhancer_weights
+    if not (cfg.enhance and w and str(w).startswith("models:/") and "@" in str(w)):
+        return cfg
+    from varlide.registry_mlflow import pin_model_uri
+
+    pinned = pin_model_uri(str(w))
+    print(f"weights {w} -> {pinned}", file=sys.stderr)
+    return cfg.model_copy(update={"enhancer_weights": pinned})
 
 
 def _weights_needed(cfg) -> str:
@@ -455,6 +470,128 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _retrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", help="the output store whose scores pick the images (newest first)")
+    p.add_argument("--dataset", required=True, help="the dataset whose scored images to use")
+    p.add_argument("--model-name", default="varlide-lite",
+                   help="registered model name in the MLflow registry (default varlide-lite)")
+    p.add_argument("--newest", type=int, default=512, help="newest N scored images (512)")
+    p.add_argument("--config", help="YAML with sections train: (TrainConfig fields), gate: "
+                   "(primary, margin, guards) and evaluation: (EvalConfig fields)")
+    p.add_argument("--steps", type=int, help="training steps (train.steps)")
+    p.add_argument("--margin", type=float, help="required improvement of the gate's primary "
+                   "measure (gate.margin, default 0.1 dB of psnr)")
+    p.add_argument("--initial-weights", help="the first champion when the registry has none "
+                   "(default: the shipped weights)")
+    p.add_argument("--work-dir", help="staged corpus + training output "
+                   "(default OUTPUT/retrain/<retrain id>)")
+    p.add_argument("--experiment", default="varlide-retrain")
+
+
+def _retrain_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The retrain flow's parameters, validated here (an error names the field)."""
+    import yaml
+
+    from varlide.promotion import EvalConfig, GateConfig
+    from varlide.run import canonical_uri
+    from varlide.training import TrainConfig
+
+    doc: dict[str, Any] = {}
+    if args.config:
+        with open(args.config) as f:
+            doc = yaml.safe_load(f) or {}
+    unknown = set(doc) - {"train", "gate", "evaluation"}
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown section(s) {sorted(unknown)} "
+                          "(expected train, gate, evaluation)")
+    train, gate = dict(doc.get("train") or {}), dict(doc.get("gate") or {})
+    evaluation = dict(doc.get("evaluation") or {})
+    if args.steps is not None:
+        train["steps"] = args.steps
+    if args.margin is not None:
+        gate["margin"] = args.margin
+    for section, cls, fields in (("train", TrainConfig, train), ("gate", GateConfig, gate),
+                                 ("evaluation", EvalConfig, evaluation)):
+        try:
+            cls(**fields)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid retrain {section} configuration: {exc}") from None
+    if args.newest < 1:
+        raise ConfigError(f"--newest: expected >= 1, got {args.newest}")
+    return {"output_uri": canonical_uri(args.output), "dataset": args.dataset,
+            "model_name": args.model_name, "newest": args.newest, "train": train,
+            "gate": gate, "evaluation": evaluation,
+            "initial_weights": canonical_uri(args.initial_weights) if args.initial_weights
+            else None,
+            "work_dir": canonical_uri(args.work_dir) if args.work_dir else None,
+            "experiment": args.experiment}
+
+
+def _retrain_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retrain", help="retrain on the newest scored images; promote if better",
+                       description="Train the registry's champion further on the newest N "
+                       "scored images of a dataset, measure candidate and champion on the same "
+                       "held-out images, register the candidate and move the `champion` alias "
+                       "only when it is better by the gate's margin (MLflow registry at "
+                       "MLFLOW_TRACKING_URI). With no champion yet the shipped weights become "
+                       "version 1.")
+    _retrain_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_retrain)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    params = _retrain_params(args)
+    from flows.retrain import retrain_flow
+
+    s = retrain_flow(**params)
+    if args.json:
+        print(json.dumps(s, indent=2, default=str))
+        return EXIT_OK
+    print(f"retrain {s['retrain_id']}: {s['decision']} ({s['reason']})")
+    print(f"  {s['model_name']}@{s['alias']} = version {s['champion_version_after']} "
+          f"(candidate version {s['candidate_version']}, champion before "
+          f"{s['champion_version_before']})")
+    print(f"  mlflow run {s['mlflow_run_id']}; work dir {s['work_dir']}")
+    return EXIT_OK
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the retrain flow on a cron schedule (Prefect)",
+                       description="Serve Prefect deployments from this process (Prefect "
+                       "`serve`, needs a Prefect server: PREFECT_API_URL): the retrain flow "
+                       "with a cron schedule and these parameters, and the enhance flow on "
+                       "demand (no schedule). Runs until interrupted.")
+    _retrain_args(p)
+    p.add_argument("--cron", default="0 2 * * *", help="retrain schedule (default nightly, "
+                   "02:00 UTC)")
+    p.add_argument("--name", default="nightly", help="the retrain deployment's name")
+    p.add_argument("--no-enhance", dest="serve_enhance", action="store_false",
+                   help="do not serve the enhance flow")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    params = _retrain_params(args)
+    from prefect import serve
+
+    from flows.retrain import retrain_flow
+
+    deployments = [retrain_flow.to_deployment(
+        name=args.name, cron=args.cron, parameters=params, tags=["varlide", "retrain"],
+        description=f"retrain {params['model_name']} on the newest {params['newest']} scored "
+                    f"images of {params['dataset']}; promote only when better")]
+    if args.serve_enhance:
+        from flows.enhance import enhance_flow
+
+        deployments.append(enhance_flow.to_deployment(name="on-demand",
+                                                      tags=["varlide", "enhance"]))
+    print(f"serving {', '.join(f'{d.flow_name}/{d.name}' for d in deployments)}; retrain cron "
+          f"{args.cron!r}", flush=True)
+    serve(*deployments, print_starting_message=False)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="varlide", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -467,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _weights_parser(sub)
     _calibrate_parser(sub)
+    _retrain_parser(sub)
+    _serve_parser(sub)
     return parser
 
 

@@ -118,6 +118,7 @@ class TrainConfig:
     amp: bool = True
     threads: int | None = None  # torch intra-op threads (None = torch's default)
     prefetch: int = 3
+    init_from: str | None = None  # a from_pretrained folder/URI loaded before step 0
 
     def __post_init__(self) -> None:
         self.scale = tuple(self.scale)
@@ -611,6 +612,9 @@ def train(
     start, resumed_from = 0, None
     now_cfg = cfg.as_dict()
     found = _list_checkpoints(out_dir)
+    if cfg.init_from and not found:  # fine-tune: start from these weights (same architecture)
+        meta, weights, digest = type(model).read_pretrained(cfg.init_from)
+        model._adopt(meta, {k: v.to(device) for k, v in weights.items()}, digest)
     if found:
         step0, uri = found[-1]
         fs, p = filesystem(join(uri, "state.json"))

@@ -367,6 +367,10 @@ def enhancer_files(name: str, weights: str | None) -> list[WeightFile]:
     note = (f"made by `varlide train DATA OUT --enhancer {name}`; copy OUT/final/ to "
             f"{package_dir() / name}/ or pass --weights")
     if weights:
+        if weights.startswith("models:/"):  # MLflow registry: downloaded to the cache up front
+            from varlide.registry_mlflow import resolve_model_uri
+
+            weights = resolve_model_uri(weights)
         if "://" in weights and not weights.startswith("file://"):
             return []  # a remote folder: read by the enhancer's own loader, errors name it
         p = Path(weights.removeprefix("file://")).expanduser().resolve()

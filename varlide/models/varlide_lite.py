@@ -138,6 +138,10 @@ class Pretrained:
         from safetensors.torch import load
 
         uri = str(path_or_uri).rstrip("/")
+        if uri.startswith("models:/"):  # MLflow registry (NAME@ALIAS, NAME/VERSION): cached
+            from varlide.registry_mlflow import resolve_model_uri
+
+            uri = resolve_model_uri(uri)
         if uri.endswith(".safetensors"):
             weights_uri = uri
             config_uri = uri.rsplit("/", 1)[0] + "/" + CONFIG_FILE if "/" in uri else CONFIG_FILE

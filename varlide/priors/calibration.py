@@ -239,6 +239,10 @@ def trained_prior_of(cfg: Config) -> Scale | None:
     if not cfg.enhance:
         return None
     folder = cfg.enhancer_weights
+    if folder is not None and str(folder).startswith("models:/"):  # MLflow registry
+        from varlide.registry_mlflow import resolve_model_uri
+
+        folder = resolve_model_uri(folder)
     if folder is None:
         candidate = weights.package_dir() / cfg.enhancer
         folder = str(candidate) if (candidate / "config.json").is_file() else None
