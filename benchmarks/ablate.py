@@ -2,8 +2,14 @@ r"""Enhancer ablations: train the variants on a reduced budget, then evaluate th
 
     .venv/bin/python benchmarks/ablate.py train --data ../shared/data/train-sice \
         --out /tmp/train/ablate --steps 100 --warmup 25 --variants a,b,c,d,e
-    .venv/bin/python benchmarks/ablate.py eval --out /tmp/train/ablate \
-        --shipped varlide/weights/varlide-lite --max-images 12
+    .venv/bin/python benchmarks/ablate.py ship --data ../shared/data/train-sice \
+        --out /tmp/train/shipped --steps 550 --lr 6e-3 --entropy-sign 1
+    .venv/bin/python benchmarks/ablate.py eval --data-root ../shared/data \
+        --out /tmp/train/ablate --max-images 16 --seeds 3 --dev-max-side 512 \
+        --shipped /tmp/train/shipped/final
+
+``train`` writes OUT/<variant>/final (and checkpoints); ``eval`` writes
+OUT/eval_per_image*.csv, eval_summary*.csv and eval*.md (docs/METHOD.md's table).
 
 Variants (same recipe and seed; only the model/loss differ):
   a  zero-dce       ZeroDCE (fixed N = 8), Zero-DCE's own losses
