@@ -202,7 +202,9 @@ def naive_pipeline(lowlight: Path, reference: Path, out_dir: Path, csv_path: Pat
 
 
 class _ThreadTimer:
-    """Wraps a module function to add up its wall time over all calls, from any thread."""
+    """Wraps a module function to add up its CPU time (``time.thread_time``) over all calls,
+    from any thread: pool threads share the cores with the compute lanes, so their wall time
+    includes waiting for a core and would overstate the work."""
 
     def __init__(self, module: Any, name: str) -> None:
         self.module, self.name, self.total, self.calls = module, name, 0.0, 0
@@ -215,12 +217,12 @@ class _ThreadTimer:
         original = self.original
 
         def timed(*args, **kwargs):
-            t = time.perf_counter()
+            t = time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 with self._lock:
-                    self.total += time.perf_counter() - t
+                    self.total += time.thread_time() - t
                     self.calls += 1
 
         setattr(self.module, self.name, timed)
@@ -231,14 +233,17 @@ class _ThreadTimer:
             setattr(self.module, self.name, self.original)
 
 
-def run_ours(lowlight: Path, reference: Path, out_dir: Path) -> dict[str, Any]:
-    """Our flow with the default config; wall time, engine time and stage sums."""
+def run_ours(lowlight: Path, reference: Path, out_dir: Path, run_id: str) -> dict[str, Any]:
+    """Our flow with the default config; wall time, engine time and stage sums.
+
+    ``run_id`` only keeps repeats apart (same input and config would otherwise continue one
+    MLflow run); it changes nothing else."""
     import varlide.engine as engine
     from flows.enhance import run_enhance
     from varlide.config import Config
     from varlide.storage.runstore import RunStore
 
-    cfg = Config(reference=str(reference), progress=False)
+    cfg = Config(reference=str(reference), progress=False, run_id=run_id)
     with _ThreadTimer(engine, "_read_and_decode") as dec, \
             _ThreadTimer(engine, "_write_enhanced") as enc:
         t = time.perf_counter()
@@ -334,7 +339,8 @@ def _memory_child(lowlight: str, reference: str, out: str) -> int:
     from varlide.config import Config
 
     t = time.perf_counter()
-    summary = run_enhance(lowlight, out, Config(reference=reference, progress=False))
+    cfg = Config(reference=reference, progress=False, run_id=f"bench-{Path(out).name}")
+    summary = run_enhance(lowlight, out, cfg)
     print(json.dumps({
         "seconds": time.perf_counter() - t,
         "images": int(summary["metrics"].get("images", 0)),
@@ -439,7 +445,7 @@ def _bench(args: argparse.Namespace, workdir: Path) -> int:
     _say(f"prefect: temporary server started in {server_s:.1f}s ({api_url})"
          if server_s else f"prefect: using PREFECT_API_URL={api_url}")
     t = time.perf_counter()
-    run_ours(warm / "lowlight", warm / "reference", workdir / "out-warm")
+    run_ours(warm / "lowlight", warm / "reference", workdir / "out-warm", "bench-warm-up")
     _say(f"warm-up: one flow run on 2 images in {time.perf_counter() - t:.1f}s "
          "(pyiqa import, stage build, MLflow store creation; not timed below)")
 
@@ -454,7 +460,8 @@ def _bench(args: argparse.Namespace, workdir: Path) -> int:
                                      metrics, reference_metrics)
                 naive_runs.append(res)
             else:
-                res = run_ours(corpus / "lowlight", corpus / "reference", workdir / f"ours-{r}")
+                res = run_ours(corpus / "lowlight", corpus / "reference", workdir / f"ours-{r}",
+                               f"bench-ours-{r}")
                 ours_runs.append(res)
             _say(f"repeat {r + 1}/{args.repeats}: {who:5s} {res['images']} images in "
                  f"{res['wall']:.1f}s = {res['images'] / res['wall']:.2f} img/s; {_load()}")
@@ -483,8 +490,9 @@ def _bench(args: argparse.Namespace, workdir: Path) -> int:
         _say(f"  {stage:14s} {_fmt_stage(mid_naive['stages'][stage], n)}   "
              f"{_fmt_stage(mid_ours['stages'][stage], n)}")
     _say(f"  {'wall':14s} {_fmt_stage(mid_naive['wall'], n)}   {_fmt_stage(mid_ours['wall'], n)}")
-    _say("  ours: decode (read+hash+decode+reference) and encode/write are thread-seconds in the "
-         "I/O pool, overlapped with compute; prior/enhance/quality are compute-lane seconds; "
+    _say("  ours: decode (read+hash+decode+reference) and encode/write are CPU seconds in the "
+         "I/O pool, overlapped with compute; prior/enhance/quality are compute-lane seconds "
+         "(wall, summed over lanes); "
          f"other = flow wall - engine wall ({mid_ours['engine']:.2f}s): planning, Prefect, "
          "MLflow. naive: other = loop, listing, CSV.")
     _say(f"  naive: {mid_naive['threads']} torch threads; model construction "

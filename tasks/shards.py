@@ -6,29 +6,52 @@ No result caching: the run store's markers are the one source of truth for "done
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from varlide import progress
 from varlide.engine import ShardJob, ShardResult, process_shard
+from varlide.storage.runstore import RunStore
+from varlide.storage.uri import filesystem
 
 
-def _for_this_process(job: ShardJob) -> ShardJob:
+def _dask_worker_threads() -> int | None:
+    """The thread count of the Dask worker running this task, or None (not on Dask)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().state.nthreads
+    except (ImportError, ValueError):
+        return None
+
+
+def _for_this_process(job: ShardJob, nthreads: int) -> ShardJob:
     """On a Dask worker, the shards in flight in this process are its threads (not --workers).
 
     The engine divides this process's cores among ``workers`` shards; on a Dask worker that
     is the worker's own thread count, whatever the submitting machine's setting was.
     """
-    try:
-        from distributed import get_worker
-
-        nthreads = get_worker().state.nthreads
-    except (ImportError, ValueError):  # not on a Dask worker
-        return job
     if job.config.get("workers") == nthreads:
         return job
     return dataclasses.replace(job, config={**job.config, "workers": nthreads})
+
+
+def _finished_before(job: ShardJob) -> ShardResult | None:
+    """The shard's result from its done marker, when an earlier attempt of this run wrote it.
+
+    Dask recomputes a task whose result was held by a worker that died before the flow read
+    it; the marker (written last) says the shard is already done, so it is not redone.
+    """
+    fs, path = filesystem(RunStore(job.output_uri, job.run_id).marker_uri(job.shard.index))
+    try:
+        m = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    return ShardResult(shard=m["shard"], rows=m["rows"], errors=m["errors"],
+                       parquet_uri=m["parquet"], seconds=m["seconds"], worker=m["worker"],
+                       device=m["device"], stage_ms=m.get("stage_ms") or {})
 
 
 @task(name="process-shard", cache_policy=NO_CACHE, persist_result=False,
@@ -36,6 +59,10 @@ def _for_this_process(job: ShardJob) -> ShardJob:
 def process_shard_task(job: ShardJob) -> ShardResult:
     # The flow registers a reporter only where tasks run in its own process (thread runner);
     # with Dask it advances the bar per finished shard instead.
+    nthreads = _dask_worker_threads()
+    if nthreads is not None:
+        if (done := _finished_before(job)) is not None:
+            return done
+        job = _for_this_process(job, nthreads)
     reporter = progress.reporter(job.run_id)
-    return process_shard(_for_this_process(job),
-                         progress=None if reporter is None else reporter.update)
+    return process_shard(job, progress=None if reporter is None else reporter.update)

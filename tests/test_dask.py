@@ -117,7 +117,8 @@ def cluster():
         gpu.setdefault("options", {})["resources"] = {"GPU": 1}
         lc.worker_spec.update({"cpu": copy.deepcopy(lc.new_spec), "gpu": gpu})
         lc.loop.add_callback(lc._correct_state)
-        with distributed.Client(lc) as client:
+        # not the process's default client: prefect-dask would use it instead of the address
+        with distributed.Client(lc, set_as_default=False) as client:
             client.wait_for_workers(2, timeout=180)
             client.run(_warm)
             yield lc, client
@@ -188,6 +189,18 @@ def test_worker_killed_mid_run_one_row_per_image(cluster, tmp_path, mlflow_sqlit
     assert (df["status"] == "ok").all() and sorted(df["shard"].unique()) == list(range(6))
     assert len(list(out.glob(f"runs/{summary['run_id']}/done/*.json"))) == 6
     assert summary["metrics"]["images"] == 12
+
+    # Dask recomputes a finished task whose result died with its worker: the task then
+    # returns the shard's marker instead of redoing (and rewriting) the shard
+    from tasks.shards import process_shard_task
+    from varlide.run import prepare_run
+
+    plan = prepare_run(str(inp), str(out), Config(**{**FAST, "shard_size": 2,
+                                                     "enhancer": "test-slow"}), write=False)
+    parquet = out / "scores" / "night" / summary["run_id"] / "shard-00000.parquet"
+    before = parquet.stat().st_mtime_ns
+    again = client.submit(process_shard_task.fn, plan.job(plan.shards[0]), pure=False).result()
+    assert again.rows == 2 and again.shard == 0 and parquet.stat().st_mtime_ns == before
     client.wait_for_workers(2, timeout=180)  # the nanny restarts the killed process
 
 
