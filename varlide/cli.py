@@ -6,6 +6,7 @@
     varlide report OUTPUT [--run ID]         a run's self-contained HTML report
     varlide demo-corpus OUT                  a small synthetic night-time corpus + references
     varlide train DATA OUT                   zero-reference training of an enhancer
+    varlide eval INPUT [--reference URI]     a table of quality measures per enhancer
     varlide retrain OUTPUT --dataset D       retrain on the newest scores; gated promotion
     varlide serve OUTPUT --dataset D         serve retrain (cron) and enhance with Prefect
 """
@@ -395,6 +396,108 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# varlide.evaluation's DEFAULT_ENHANCERS / DEFAULT_MAX_SIDE (not imported here: it pulls in
+# torch for every command; a test checks they agree)
+EVAL_ENHANCERS = ("classic-curve", "zero-dce", "varlide-lite")
+EVAL_MAX_SIDE = 512
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="a table of quality measures per enhancer",
+                       description="Measure enhancers on INPUT and write a table: "
+                       "eval_per_image.csv, eval_summary.csv and eval.md (Markdown) to --out, "
+                       "the summary metrics and files to one MLflow run (experiment "
+                       "varlide-eval) and a Prefect table artifact. INPUT is a folder or URI "
+                       "of images (no-reference measures, also by input brightness band), "
+                       "with --reference a folder of clean images with the same relative "
+                       "names (psnr, ssim), or `synthetic`: the demo-corpus degradations of "
+                       "the bundled photographs (2 crops each per seed). The row `input` (no "
+                       "enhancement) is always there; learned enhancers run with routing off "
+                       "(every image through the full model).")
+    p.add_argument("input", help="folder or URI of the images, or `synthetic`")
+    p.add_argument("--reference", metavar="URI",
+                   help="clean images with the same relative paths as INPUT's")
+    p.add_argument("--enhancer", action="append", metavar="NAME[=WEIGHTS]",
+                   help="registered enhancer, optionally with weights (a folder, URI or "
+                   "models:/NAME@ALIAS); repeatable (default: "
+                   f"{', '.join(EVAL_ENHANCERS)})")
+    p.add_argument("--metrics", help="comma-separated measures (default: psnr,ssim,brightness "
+                   "with a reference; brightness,overexposed,piqe,entropy,sharpness without)")
+    p.add_argument("--max-images", type=int, metavar="N",
+                   help="at most N images (a deterministic subset)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="synthetic: seeds 0..N-1, 10 images each (default 1)")
+    p.add_argument("--max-side", type=int, default=EVAL_MAX_SIDE, metavar="N",
+                   help=f"area-downscale folder images to this long side, 0 = as stored "
+                   f"(default {EVAL_MAX_SIDE}); synthetic crops are min(N, 256) px")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    p.add_argument("--iqa-max-side", type=int, help="long side cap for pyiqa measures")
+    p.add_argument("--out", metavar="URI", help="where the files go (any fsspec URI; default "
+                   "./eval-<UTC time>-<hex> in the working directory)")
+    p.add_argument("--experiment", default="varlide-eval", help="MLflow experiment")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+def _eval_preflight(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything checkable before the flow starts (exit 2 with a message, not a failed
+    run): the sets, the enhancers and their weights, the measures, the device."""
+    from varlide import evaluation, weights
+    from varlide.engine import resolve_device
+    from varlide.iqa.base import metric_weights
+    from varlide.run import canonical_uri
+
+    for flag in ("batch_size", "iqa_max_side"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}: expected >= 1, got {value}")
+    specs = args.enhancer or list(EVAL_ENHANCERS)
+    input_uri = args.input if args.input == evaluation.SYNTHETIC else canonical_uri(args.input)
+    reference = canonical_uri(args.reference) if args.reference else None
+    try:
+        enhancers = evaluation.parse_enhancers(specs)
+        plan = evaluation.plan_sets(input_uri, reference, max_images=args.max_images,
+                                    max_side=args.max_side, seeds=args.seeds)
+        paired, unpaired = evaluation.plan_metrics(args.metrics, plan)
+        resolve_device(args.device)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(str(exc)) from None
+    for name in dict.fromkeys([*paired, *unpaired]):
+        files = metric_weights(name)
+        if files:
+            weights.ensure_files(files, f"metric {name}")
+    for label, e in enhancers.items():
+        try:
+            evaluation.load_enhancer(e["name"], e["weights"], "cpu")
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"enhancer {label}: {exc}") from None
+    return {"input_uri": input_uri, "reference_uri": reference, "enhancers": specs,
+            "metrics": list(dict.fromkeys([*paired, *unpaired])) if args.metrics else None,
+            "plan": plan}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    pre = _eval_preflight(args)
+    from flows.evaluate import eval_flow
+
+    result = eval_flow(pre["input_uri"], pre["reference_uri"], enhancers=pre["enhancers"],
+                       out=args.out, metrics=pre["metrics"], max_images=args.max_images,
+                       max_side=args.max_side, seeds=args.seeds, device=args.device,
+                       experiment=args.experiment, batch_size=args.batch_size,
+                       iqa_max_side=args.iqa_max_side)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str, ensure_ascii=False))
+        return EXIT_OK
+    print(result["table"])
+    sets = "; ".join(f"{s['name']} ({s['kind']}, {s['images']} images)" for s in result["sets"])
+    print(f"eval {result['eval_id']}: {len(result['enhancers'])} rows per set on {sets} in "
+          f"{result['seconds']:.0f} s")
+    print(f"  files   {', '.join(result['files'].values())}")
+    print(f"  mlflow  run {result['mlflow_run_id']} (experiment {result['experiment']})")
+    return EXIT_OK
+
+
 def _query_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("query", help="SQL (DuckDB) over the scores: the view `scores`",
                        description="Run SQL over the score tables of OUTPUT with DuckDB. The "
@@ -602,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     _report_parser(sub)
     _demo_parser(sub)
     _train_parser(sub)
+    _eval_parser(sub)
     _weights_parser(sub)
     _calibrate_parser(sub)
     _retrain_parser(sub)

@@ -22,7 +22,8 @@ bounded whatever the folder's size):
   and degraded the same way (the rng keyed by the relative path and the seed, so the pair
   of an image does not depend on what else is in the folder).
 - :func:`paired_folders`: an input folder and a reference folder with the same relative
-  names (the demo corpus's ``lowlight/`` and ``reference/``; ``varlide eval --reference``).
+  names (the demo corpus's ``lowlight/`` and ``reference/``; ``varlide eval --reference``);
+  inputs without a reference are left out up front, none at all is an error.
 - :func:`unpaired_folder`: real images without reference, optionally filtered by mean
   luma, reported overall and by brightness band of the input (:data:`BANDS`).
 - :meth:`EvalSet.from_arrays`: in-memory arrays (tests, notebooks).
@@ -53,6 +54,15 @@ fast CPU kernel: ~0.5-1 s per 256x256 image on the shared 2-core box, against ~0
 :func:`measure` gives the per-image table (for plots), :func:`summarize` the mean/std table,
 :func:`evaluate` is ``summarize(measure(...))``, :func:`format_table` gives Markdown
 for docs/METHOD.md with each measure's direction (from ``metric_info``).
+
+Learned enhancers are measured with routing off (:data:`FULL_PATH`: never skip, VGPM always,
+:func:`load_enhancer` / :func:`full_path`; a registered name given to :func:`measure` is
+built that way), so a row measures the model, not the router.
+
+``varlide eval`` (``flows/evaluate.py``) is built from :func:`plan_sets` (INPUT ``synthetic``,
+a folder, or a folder with ``--reference``: JSON-able specs with the images chosen once),
+:func:`sets_from_plan`, :func:`plan_metrics`, :func:`parse_enhancers` (``NAME[=WEIGHTS]``)
+and :func:`summary_metrics` (the summary as flat tracker metrics).
 """
 
 from __future__ import annotations
@@ -90,7 +100,14 @@ __all__ = [
     "paired_folders",
     "unpaired_folder",
     "default_sets",
+    "plan_sets",
+    "sets_from_plan",
+    "plan_metrics",
+    "parse_enhancers",
+    "load_enhancer",
+    "full_path",
     "measure",
+    "summary_metrics",
     "summarize",
     "evaluate",
     "format_table",
@@ -112,6 +129,9 @@ WELL_EXPOSED: tuple[float, float] = (0.35, 0.60)
 #: Mean luma of the "moderately lit" real images (neither very dark nor over-exposed).
 MODERATE: tuple[float, float] = (0.25, 0.55)
 INPUT = "input"
+#: Routing settings of learned enhancers under evaluation (``VarlideLite``'s thresholds):
+#: every image takes the full path (VICM then VGPM), as the ablations measure them.
+FULL_PATH: dict[str, Any] = {"skip_visibility": None, "full_blur": 0.0}
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -282,11 +302,19 @@ def _synthetic_pair(seed: int, index: int, size: tuple[int, int], quantize: bool
 
 def _read_image(uri: str, max_side: int | None = None) -> np.ndarray:
     """Decode an image file at ``uri`` to (H, W, 3) float32, area-downscaled to ``max_side``."""
+    return _shrink(_decode(uri), max_side)
+
+
+def _decode(uri: str) -> np.ndarray:
     from varlide.imaging.decode import decode_image
     from varlide.storage.uri import filesystem
 
     fs, path = filesystem(uri)
-    pixels = decode_image(fs.cat_file(path)).pixels
+    return decode_image(fs.cat_file(path)).pixels
+
+
+def _shrink(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Area (box) downscale of a decoded 8-bit image to long side ``max_side`` (None: as is)."""
     if max_side and max(pixels.shape[:2]) > max_side:
         from PIL import Image
 
@@ -385,29 +413,58 @@ def paired_folders(
     input_uri: str,
     reference_uri: str,
     *,
+    rel_paths: Sequence[str] | None = None,
     limit: int | None = None,
+    max_side: int | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     name: str | None = None,
 ) -> EvalSet:
     """Inputs under ``input_uri``, references with the same relative names under
-    ``reference_uri`` (a missing or differently sized reference skips that image)."""
+    ``reference_uri`` (the demo corpus's ``lowlight/`` and ``reference/``).
+
+    Only inputs that have a reference are kept (both folders are listed up front, so
+    ``len()`` is the number of pairs); none at all raises ``ValueError``, a missing
+    reference folder ``FileNotFoundError``. ``rel_paths``: the candidates (default: every
+    image under ``input_uri``, after ``include`` / ``exclude``); ``limit``: at most this many
+    pairs, a deterministic subset (hash order of the path, as ``_select``) decoded only when
+    measured; ``max_side``: input and reference are area-downscaled alike to this long side
+    after checking they have the same size (a differently sized pair skips that image).
+    """
     from varlide.storage.listing import list_corpus
     from varlide.storage.uri import join
 
-    files = list_corpus(input_uri, include=include, exclude=exclude, limit=limit)
+    if rel_paths is None:
+        rel_paths = [f.rel_path for f in list_corpus(input_uri, include=include,
+                                                     exclude=exclude)]
+    try:
+        refs = {f.rel_path for f in list_corpus(reference_uri)}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"reference not found: {reference_uri}") from None
+    chosen = [rel for rel in rel_paths if rel in refs]
+    if rel_paths and not chosen:
+        raise ValueError(f"no image of {input_uri} has a reference of the same relative name "
+                         f"under {reference_uri} ({len(rel_paths)} inputs, e.g. "
+                         f"{sorted(rel_paths)[0]!r}; {len(refs)} reference images)")
+    if len(chosen) < len(rel_paths):
+        log.warning("evaluation: %d of %d inputs have no reference under %s; left out",
+                    len(rel_paths) - len(chosen), len(rel_paths), reference_uri)
+    if limit is not None:
+        chosen = sorted(sorted(chosen, key=lambda r: _path_fraction(r, -1))[:limit])
     items = []
-    for f in files:
-        def load(src=join(input_uri, f.rel_path), ref=join(reference_uri, f.rel_path)):
-            x, r = _read_image(src), _read_image(ref)
+    for rel in sorted(chosen):
+        def load(src=join(input_uri, rel), ref=join(reference_uri, rel)):
+            x, r = _decode(src), _decode(ref)
             if x.shape != r.shape:
                 raise ValueError(f"reference {ref} is {r.shape[1]}x{r.shape[0]}, "
                                  f"input {x.shape[1]}x{x.shape[0]}")
-            return x, r
+            return _shrink(x, max_side), _shrink(r, max_side)
 
-        items.append(EvalItem(f.rel_path, load, {"source": f.rel_path}))
-    return EvalSet(name or _default_name(input_uri, "paired"), True, items,
-                   description=f"{input_uri} against {reference_uri}")
+        items.append(EvalItem(rel, load, {"source": rel}))
+    desc = f"{len(items)} images of {input_uri} against {reference_uri}"
+    if max_side:
+        desc += f", long side <= {max_side}"
+    return EvalSet(name or _default_name(input_uri, "paired"), True, items, description=desc)
 
 
 def unpaired_folder(
@@ -490,6 +547,186 @@ def default_sets(
         sets.append(unpaired_folder(sice, "sice-moderate", held, brightness=MODERATE,
                                     limit=moderate_limit, max_side=max_side))
     return sets
+
+
+# --------------------------------------------------------------------------- `varlide eval`
+
+#: ``varlide eval synthetic``: the demo-corpus generator instead of a folder.
+SYNTHETIC = "synthetic"
+#: Long side (px) folder images are area-downscaled to by ``varlide eval`` (0/None: as stored).
+DEFAULT_MAX_SIDE = 512
+#: Side of the synthetic set's square crops (``min(max_side, 256)``; 256 = the demo corpus).
+SYNTHETIC_SIDE = 256
+#: Enhancers ``varlide eval`` measures when none is named (``input`` is always added).
+DEFAULT_ENHANCERS: tuple[str, ...] = ("classic-curve", "zero-dce", "varlide-lite")
+
+
+def plan_sets(
+    input_uri: str,
+    reference_uri: str | None = None,
+    *,
+    max_images: int | None = None,
+    max_side: int | None = DEFAULT_MAX_SIDE,
+    seeds: int = 1,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """The sets of ``varlide eval INPUT [--reference URI]`` as JSON-able specs, with the
+    images chosen now (:func:`sets_from_plan` builds them, so every enhancer is measured on
+    the same images even when the folder changes meanwhile).
+
+    - INPUT ``synthetic`` (:data:`SYNTHETIC`): :func:`paired_synthetic` over seeds
+      ``0..seeds-1``, 2 crops per photograph, square crops of ``min(max_side, 256)`` px;
+    - INPUT with ``reference_uri``: :func:`paired_folders` (pairs by relative name);
+    - INPUT alone: :func:`unpaired_folder` (reported by input brightness band too).
+
+    ``max_images``: at most this many images (synthetic: the first ones, seed by seed;
+    folders: a deterministic subset in hash order of the path); ``max_side``: folder images
+    are area-downscaled to this long side (0 or None: as stored). Raises
+    ``FileNotFoundError`` for a missing folder and ``ValueError`` for an empty one, a
+    reference folder without a single matching name, or a bad count.
+    """
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images: expected >= 1, got {max_images}")
+    if seeds < 1:
+        raise ValueError(f"seeds: expected >= 1, got {seeds}")
+    if max_side is not None and max_side < 0:
+        raise ValueError(f"max_side: expected >= 0 (0: as stored), got {max_side}")
+    max_side = max_side or None
+    if input_uri == SYNTHETIC:
+        if reference_uri:
+            raise ValueError("INPUT 'synthetic' makes its own references; --reference is for "
+                             "a folder INPUT (a folder named synthetic: pass ./synthetic)")
+        side = min(max_side or SYNTHETIC_SIDE, SYNTHETIC_SIDE)
+        if side < 16:
+            raise ValueError(f"max_side: synthetic crops need at least 16 px, got {side}")
+        return [{"kind": "synthetic", "name": SYNTHETIC, "seeds": list(range(seeds)),
+                 "crops_per_photo": 2, "size": [side, side], "limit": max_images}]
+    if reference_uri:
+        s = paired_folders(input_uri, reference_uri, limit=max_images, max_side=max_side,
+                           include=include, exclude=exclude)
+        spec = {"kind": "paired", "name": s.name, "input": input_uri,
+                "reference": reference_uri}
+    else:
+        s = unpaired_folder(input_uri, limit=max_images, max_side=max_side, include=include,
+                            exclude=exclude)
+        spec = {"kind": "unpaired", "name": s.name, "uri": input_uri}
+    if not s.items:
+        raise ValueError(f"no readable images under {input_uri}")
+    spec.update(rel_paths=[item.id for item in s.items], max_side=max_side)
+    return [spec]
+
+
+def sets_from_plan(plan: Sequence[Mapping[str, Any]]) -> list[EvalSet]:
+    """The :class:`EvalSet` of each spec of :func:`plan_sets` (images loaded lazily)."""
+    sets = []
+    for spec in plan:
+        kind = spec["kind"]
+        if kind == "synthetic":
+            s = paired_synthetic(seeds=tuple(spec["seeds"]),
+                                 crops_per_photo=int(spec["crops_per_photo"]),
+                                 size=tuple(spec["size"]), name=spec["name"])
+            if spec.get("limit") and spec["limit"] < len(s.items):
+                s.items = s.items[: spec["limit"]]
+                s.description += f", first {spec['limit']} images"
+        elif kind == "paired":
+            s = paired_folders(spec["input"], spec["reference"], rel_paths=spec["rel_paths"],
+                               max_side=spec["max_side"], name=spec["name"])
+        elif kind == "unpaired":
+            s = unpaired_folder(spec["uri"], spec["name"], spec["rel_paths"],
+                                max_side=spec["max_side"])
+        else:
+            raise ValueError(f"unknown set kind {kind!r} (synthetic, paired, unpaired)")
+        sets.append(s)
+    return sets
+
+
+def plan_metrics(
+    metrics: Sequence[str] | str | None, plan: Sequence[Mapping[str, Any]]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(paired_metrics, unpaired_metrics)`` for ``measure`` from a list of measure names
+    (``'a,b'`` or a sequence; None: :data:`PAIRED_METRICS` / :data:`UNPAIRED_METRICS`).
+    Full-reference measures go to paired sets only; asking for one with no paired set in
+    ``plan``, or for an unknown name, raises ``ValueError``."""
+    if metrics is None:
+        return PAIRED_METRICS, UNPAIRED_METRICS
+    if isinstance(metrics, str):
+        metrics = metrics.split(",")
+    names = list(dict.fromkeys(m.strip() for m in metrics if m.strip()))
+    if not names:
+        raise ValueError("metrics: no measure named")
+    infos = {}
+    for m in names:
+        try:
+            infos[m] = metric_info(m)
+        except KeyError as exc:  # UnknownNameError: the message lists the known names
+            raise ValueError(str(exc)) from None
+    needs_ref = [m for m in names if infos[m].needs_reference]
+    if needs_ref and not any(spec["kind"] != "unpaired" for spec in plan):
+        raise ValueError(f"{', '.join(needs_ref)} need(s) a reference image: pass "
+                         "--reference URI (or INPUT synthetic), or leave it out of --metrics")
+    return tuple(names), tuple(m for m in names if m not in needs_ref)
+
+
+def parse_enhancers(
+    specs: Sequence[str], weights: Mapping[str, str] | None = None
+) -> dict[str, dict[str, str | None]]:
+    """``label -> {"name", "weights"}`` from ``NAME`` / ``NAME=WEIGHTS`` specs (registered
+    enhancer names; ``weights`` maps a name to weights for specs without ``=``). The label
+    is the name, or the whole spec when a name is given more than once. ``input`` (the
+    identity row, always measured) is accepted and left out. Raises ``ValueError`` for an
+    unknown name, a repeated spec, or weights for an enhancer not in ``specs``."""
+    from varlide.models import ENHANCERS
+
+    weights = dict(weights or {})
+    parsed: list[tuple[str, str | None, str]] = []
+    for spec in specs:
+        name, sep, w = (p.strip() for p in str(spec).partition("="))
+        if sep and not w:
+            raise ValueError(f"enhancer {spec!r}: no weights after '=' (NAME=WEIGHTS_URI)")
+        if name == INPUT:
+            if w:
+                raise ValueError("enhancer 'input' is the identity; it takes no weights")
+            continue
+        if name not in ENHANCERS:
+            raise ValueError(f"unknown enhancer {name!r}; known: "
+                             f"{', '.join([*ENHANCERS.names(), INPUT])}")
+        parsed.append((name, w or weights.get(name) or None, spec))
+    unused = set(weights) - {name for name, _, _ in parsed}
+    if unused:
+        raise ValueError(f"weights given for enhancer(s) not evaluated: {sorted(unused)}")
+    counts: dict[str, int] = {}
+    for name, _, _ in parsed:
+        counts[name] = counts.get(name, 0) + 1
+    out: dict[str, dict[str, str | None]] = {}
+    for name, w, spec in parsed:
+        label = name if counts[name] == 1 else (f"{name}={w}" if w else name)
+        if label in out:
+            raise ValueError(f"enhancer {spec!r} given twice")
+        out[label] = {"name": name, "weights": w}
+    return out
+
+
+def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """Flat ``{key: value}`` of a :func:`summarize` table for a tracker: keys
+    ``<set>/<enhancer>/<measure>`` (band ``all``), ``<set>/<band>/<enhancer>/<measure>``
+    (other bands), ``<set>/n``; each part made safe for MLflow (``[/\\w.\\- :]``)."""
+    import re
+
+    def part(text: Any) -> str:
+        return re.sub(r"[^\w.\- :]", "_", str(text))
+
+    out: dict[str, float] = {}
+    for _, row in summary.iterrows():
+        prefix = part(row["set"]) + ("" if row["band"] == ALL else f"/{part(row['band'])}")
+        if row["band"] == ALL:
+            out[f"{part(row['set'])}/n"] = float(row["n"])
+        for col, value in row.items():
+            if not (isinstance(col, str) and col.endswith("_mean")) or pd.isna(value):
+                continue
+            out[f"{prefix}/{part(row['enhancer'])}/{col[: -len('_mean')]}"[:250]] = float(value)
+        out[f"{prefix}/{part(row['enhancer'])}/enhance_ms"[:250]] = float(row["enhance_ms"])
+    return out
 
 
 # --------------------------------------------------------------------------- measures
@@ -592,14 +829,30 @@ def _batches(
 
 
 def _resolve(enhancers: Mapping[str, Any], device: torch.device, include_input: bool):
-    from varlide.models.base import create_enhancer
-
     out: dict[str, Any] = {}
     if include_input and not any(e is None for e in enhancers.values()):
         out[INPUT] = None
     for name, e in enhancers.items():
-        out[name] = create_enhancer(e, device=device) if isinstance(e, str) else e
+        out[name] = load_enhancer(e, device=device) if isinstance(e, str) else e
     return out
+
+
+def full_path(model: Any) -> Any:
+    """``model`` with routing off (:data:`FULL_PATH`: never skip, VGPM always) when it has
+    routing, so its row measures the model, not the router; others are returned as is."""
+    if model is not None and hasattr(model, "skip_visibility") and hasattr(model, "full_blur"):
+        model.skip_visibility = FULL_PATH["skip_visibility"]
+        model.full_blur = FULL_PATH["full_blur"]
+    return model
+
+
+def load_enhancer(name: str, weights: str | None = None,
+                  device: str | torch.device = "cpu") -> Any:
+    """A registered enhancer for evaluation: ``weights`` (a folder / URI / ``models:/...``;
+    None: its shipped weights) on ``device``, routing off (:func:`full_path`)."""
+    from varlide.models.base import create_enhancer
+
+    return full_path(create_enhancer(name, weights=weights, device=device))
 
 
 def measure(

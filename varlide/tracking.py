@@ -130,6 +130,9 @@ class RunTracker:
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.mlflow_run_id, data, artifact_file)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.mlflow_run_id, text, artifact_file)
+
     def finish(self, ok: bool) -> None:
         self.client.set_terminated(self.mlflow_run_id, status="FINISHED" if ok else "FAILED")
 
