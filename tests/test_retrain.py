@@ -176,6 +176,16 @@ def test_registry_pyfunc_and_models_uri(registry_env, tmp_path, capsys):
     got = capsys.readouterr()
     assert f"models:/{NAME}/1" in got.err and "[present]" in got.out
     assert "model.safetensors" in got.out and "MISSING" not in got.out
+    # a deployment's flow run (no CLI) pins too: the plan names the version, not the alias
+    from varlide.config import Config
+    from varlide.run import prepare_run
+
+    plan = prepare_run(str(frames), str(tmp_path / "out"),
+                       Config(enhancer="varlide-lite", enhancer_weights=uri), write=False)
+    assert plan.config.enhancer_weights == f"models:/{NAME}/1"
+    assert plan.run_id == Config(enhancer="varlide-lite",
+                                 enhancer_weights=f"models:/{NAME}/1").run_id_for(
+        plan.input_uri)
     with pytest.raises(ValueError, match="models:/NAME@ALIAS"):
         registry.parse_model_uri("models:/justaname")
 

@@ -104,16 +104,13 @@ def cmd_enhance(args: argparse.Namespace) -> int:
 
 
 def _pin_registry_weights(cfg):
-    """``--weights models:/NAME@ALIAS`` -> ``models:/NAME/VERSION`` (the version the alias
-    names now), so the run id and the run's record name the weights actually used."""
-    w = cfg.enhancer_weights
-    if not (cfg.enhance and w and str(w).startswith("models:/") and "@" in str(w)):
-        return cfg
-    from varlide.registry_mlflow import pin_model_uri
+    """Pin ``models:/NAME@ALIAS`` once, here, so the dry run and the flow see one version."""
+    from varlide.run import pin_registry_weights
 
-    pinned = pin_model_uri(str(w))
-    print(f"weights {w} -> {pinned}", file=sys.stderr)
-    return cfg.model_copy(update={"enhancer_weights": pinned})
+    pinned = pin_registry_weights(cfg)
+    if pinned.enhancer_weights != cfg.enhancer_weights:
+        print(f"weights {cfg.enhancer_weights} -> {pinned.enhancer_weights}", file=sys.stderr)
+    return pinned
 
 
 def _weights_needed(cfg) -> str:

@@ -94,10 +94,25 @@ def _planned_files(input_uri: str, cfg: Config) -> list[PlannedFile]:
     ]
 
 
+def pin_registry_weights(cfg: Config) -> Config:
+    """``enhancer_weights: models:/NAME@ALIAS`` -> ``models:/NAME/VERSION`` (what the alias
+    names now), so the run id, the manifest and every shard name the weights actually used,
+    even when the alias moves while the run is in flight (CLI and deployment runs alike)."""
+    w = cfg.enhancer_weights
+    if not (cfg.enhance and w and str(w).startswith("models:/") and "@" in str(w)):
+        return cfg
+    from varlide.registry_mlflow import pin_model_uri
+
+    pinned = pin_model_uri(str(w))
+    log.info("weights %s -> %s", w, pinned)
+    return cfg.model_copy(update={"enhancer_weights": pinned})
+
+
 def prepare_run(input_uri: str, output_uri: str, cfg: Config, *, fresh: bool = False,
                 write: bool = True) -> RunPlan:
     """Plan a new run or load a resumable one. ``write=False`` (dry run) writes nothing."""
     input_uri, output_uri = canonical_uri(input_uri), canonical_uri(output_uri)
+    cfg = pin_registry_weights(cfg)
     if cfg.reference:
         cfg = cfg.model_copy(update={"reference": canonical_uri(cfg.reference)})
     run_id = cfg.run_id_for(input_uri)
