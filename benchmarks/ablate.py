@@ -56,6 +56,8 @@ def cmd_train(args) -> None:
             kw = dict(kw, lr=args.lr)
         if args.warmup is not None:
             kw = dict(kw, warmup=args.warmup)
+        if args.threads:
+            kw = dict(kw, threads=args.threads)
         cfg = recipe(args.steps, **kw)
         out = os.path.join(args.out, name)
         t0 = time.time()
@@ -77,7 +79,8 @@ def cmd_ship(args) -> None:
     cfg = recipe(args.steps, enhancer="varlide-lite", warmup=50, val_every=200,
                  checkpoint_every=50, keep_checkpoints=5,
                  loss_options={"entropy_sign": args.entropy_sign},
-                 **({"lr": args.lr} if args.lr else {}))
+                 **({"lr": args.lr} if args.lr else {}),
+                 **({"threads": args.threads} if args.threads else {}))
     print(f"== shipped: {json.dumps(cfg.as_dict())}", flush=True)
     t0 = time.time()
     res = train(args.data, args.out, cfg, on_metrics=lambda step, m: print(
@@ -168,12 +171,14 @@ def main(argv=None) -> None:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--warmup", type=int, default=None, help="default: the recipe's 50")
     t.add_argument("--variants", default="a,b,c,d,e")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (two runs at once: 1)")
     s = sub.add_parser("ship", help="train the shipped varlide-lite on the full recipe")
     s.add_argument("--data", default="../shared/data/train-sice")
     s.add_argument("--out", default="/tmp/train/shipped")
     s.add_argument("--steps", type=int, default=800)
     s.add_argument("--lr", type=float, default=None)
     s.add_argument("--entropy-sign", type=float, default=1.0)
+    s.add_argument("--threads", type=int, default=None, help="torch threads")
     e = sub.add_parser("eval")
     e.add_argument("--data-root", default="../shared/data")
     e.add_argument("--out", default="/tmp/train/ablate")

@@ -54,6 +54,10 @@ def test_trains_checkpoints_and_final_weights(corpus, tmp_path):
     assert model.version == r.version and model.trained_prior == "analytic"
     meta = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
     assert meta["training"]["steps"] == 6 and meta["training"]["config"]["crop"] == 32
+    # the effective loss (defaults included) travels with the weights
+    loss = meta["training"]["loss"]
+    assert loss["name"] == "varlide" and loss["weights"]["exp"] == 20.0
+    assert loss["exposure_level"] == 0.5 and loss["ed_mode"] == "local"
     curves = json.loads((tmp_path / "out" / "curves.json").read_text())
     assert curves["train"]["step"][-1] == 6
 

@@ -636,6 +636,7 @@ def train(
         log.info("training: resumed from %s (step %d)", uri, start)
 
     extra = {"training": {"data": redact(corpus_uri), "config": now_cfg,
+                          "loss": {"name": cfg.loss, **loss_fn.describe()},
                           "split": {k: v for k, v in split.items() if k != "val_rel_paths"}}}
     checkpoints: list[str] = []
     batches = _Batches(train_set, cfg, prior, start) if start < cfg.steps else None
