@@ -109,7 +109,7 @@ def build_sets(data_root: str, limit: int | None, seeds: int, dev_max_side: int 
 
 
 def build_enhancers(out: str, shipped: str | None, variants: str = "a,b,c,d,e",
-                    baselines: bool = True):
+                    baselines: bool = True, suffix: str = ""):
     """Display name -> enhancer; learned ones with full routing (never skip, VGPM always)."""
     from varlide.models.base import create_enhancer
 
@@ -121,6 +121,7 @@ def build_enhancers(out: str, shipped: str | None, variants: str = "a,b,c,d,e",
         if key not in variants.split(","):
             continue
         w = os.path.join(out, name, "final")
+        name = f"{name}{suffix}"
         if not os.path.exists(os.path.join(w, "model.safetensors")):
             print(f"({key} {name}: no weights at {w}, row left out)", flush=True)
             continue
@@ -140,7 +141,8 @@ def cmd_eval(args) -> None:
     sets, held = build_sets(args.data_root, args.max_images, args.seeds, args.dev_max_side)
     for s in sets:
         print(f"set {s.name}: {len(s)} images ({s.description})", flush=True)
-    enh = build_enhancers(args.out, args.shipped, args.variants, not args.no_baselines)
+    enh = build_enhancers(args.out, args.shipped, args.variants, not args.no_baselines,
+                          args.suffix)
     per = measure(enh, sets, batch_size=8, iqa_max_side=args.iqa_max_side)
     os.makedirs(args.out, exist_ok=True)
     tag = f"-{args.tag}" if args.tag else ""
@@ -158,6 +160,32 @@ def cmd_eval(args) -> None:
         f.write(table)
     print(table)
     print(f"eval took {time.time() - t0:.0f} s", flush=True)
+
+
+def cmd_downscale(args) -> None:
+    """The Zero-DCE++ knob: curve maps estimated on a 1/k copy, bilinear upsampling of the maps.
+
+    Quality cost against k = 1 (same weights) on the paired sets (psnr, ssim) and on
+    dev-lowlight at its stored size (brightness, and psnr of the /k output against the k = 1
+    output); speed is measured by ``benchmarks/enhancer.py`` (curve net /k rows)."""
+    from varlide.evaluation import format_table, measure, summarize
+    from varlide.models.base import create_enhancer
+
+    sets, _ = build_sets(args.data_root, args.max_images, args.seeds, None)
+    full = dict(skip_visibility=None, full_blur=0.0)
+    enh = {f"varlide-lite /{k:g}": create_enhancer("varlide-lite", weights=args.weights,
+                                                   downscale=k, **full)
+           for k in args.factors}
+    per = measure(enh, sets, batch_size=4, paired_metrics=("psnr", "ssim"),
+                  unpaired_metrics=("brightness",))
+    df = summarize(per, sets=sets)
+    table = format_table(df)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        per.to_csv(os.path.join(args.out, "downscale_per_image.csv"), index=False)
+        with open(os.path.join(args.out, "downscale.md"), "w") as f:
+            f.write(table)
 
 
 def main(argv=None) -> None:
@@ -192,9 +220,20 @@ def main(argv=None) -> None:
     e.add_argument("--variants", default="a,b,c,d,e", help="ablation rows to measure")
     e.add_argument("--no-baselines", action="store_true", help="leave out classic-curve")
     e.add_argument("--tag", default="", help="suffix of the output files")
+    e.add_argument("--suffix", default="", help="appended to the variant rows' names, e.g. "
+                   "' (800 steps)'")
     e.add_argument("--merge", nargs="*", help="per-image CSVs of earlier calls to merge in")
+    d = sub.add_parser("downscale", help="quality cost of downscaled curve estimation")
+    d.add_argument("--data-root", default="../shared/data")
+    d.add_argument("--weights", default="varlide/weights/varlide-lite")
+    d.add_argument("--factors", type=lambda t: [float(x) for x in t.split(",")],
+                   default=[1.0, 2.0, 4.0])
+    d.add_argument("--max-images", type=int, default=16)
+    d.add_argument("--seeds", type=int, default=3)
+    d.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    {"train": cmd_train, "ship": cmd_ship, "eval": cmd_eval}[args.cmd](args)
+    {"train": cmd_train, "ship": cmd_ship, "eval": cmd_eval,
+     "downscale": cmd_downscale}[args.cmd](args)
 
 
 if __name__ == "__main__":

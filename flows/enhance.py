@@ -186,3 +186,15 @@ def run_enhance(input_uri: str, output_uri: str, cfg: Config, fresh: bool = Fals
     with _shared_api(cfg):
         return enhance_flow.with_options(task_runner=runner)(
             input_uri, output_uri, cfg.model_dump(mode="json"), fresh)
+
+
+@flow(name="varlide-enhance-job")
+def enhance_job(input_uri: str, output_uri: str, config: dict[str, Any],
+                fresh: bool = False) -> dict[str, Any]:
+    """The deployment entry point: ``enhance_flow`` as a subflow with the task runner its
+    config asks for (``workers`` threads, or Dask at ``dask``).
+
+    A deployment runs its flow object as defined, so deploying ``enhance_flow`` itself would
+    run every shard on one thread whatever ``config`` says; ``varlide serve`` and
+    ``infra/prefect.yaml`` deploy this flow instead."""
+    return run_enhance(input_uri, output_uri, Config(**config), fresh)

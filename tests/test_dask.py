@@ -154,6 +154,21 @@ def test_dask_rows_equal_thread_runner_and_use_both_workers(cluster, tmp_path, m
         assert (tmp_path / "threads" / uri).read_bytes() == (tmp_path / "dask" / uri).read_bytes()
 
 
+def test_deployment_entry_flow_uses_the_configured_dask(cluster, tmp_path, mlflow_sqlite):
+    """A deployment runs ``enhance_job`` with parameters only: ``config.dask`` must still send
+    the shards to the cluster (not to the deployed flow's own one-thread runner)."""
+    from flows.enhance import enhance_job
+
+    lc, client = cluster
+    inp = tmp_path / "night"
+    _corpus(inp, n=4)
+    summary = enhance_job(str(inp), str(tmp_path / "out"),
+                          {**FAST, "shard_size": 1, "dask": lc.scheduler_address})
+    assert summary["complete"]
+    df = _scores(tmp_path / "out")
+    assert len(df) == 4 and set(df["worker"]) <= set(_worker_names(client).values())
+
+
 def test_worker_killed_mid_run_one_row_per_image(cluster, tmp_path, mlflow_sqlite):
     lc, client = cluster
     _install_slow_enhancer()

@@ -601,7 +601,7 @@ def prefect_yaml_problems(spec: dict[str, Any], compose: dict[str, Any],
         if set(required) - set(params):
             problems.append(f"{name}: {func} needs {sorted(set(required) - set(params))}")
         config = params.get("config") or {}
-        if func == "enhance_flow":
+        if func in ("enhance_flow", "enhance_job"):
             try:
                 Config(**config)
             except Exception as exc:  # any invalid config is the problem
@@ -795,7 +795,7 @@ def test_prefect_yaml(prefect_spec, compose, instrs):
     problems, _ = prefect_yaml_problems(prefect_spec, compose, instrs)
     assert problems == []
     entrypoints = {d["entrypoint"] for d in prefect_spec["deployments"]}
-    assert {"flows/enhance.py:enhance_flow", "flows/train.py:train_flow",
+    assert {"flows/enhance.py:enhance_job", "flows/train.py:train_flow",
             "flows/retrain.py:retrain_flow"} <= entrypoints
     nightly = [d for d in prefect_spec["deployments"]
                if d["entrypoint"] == "flows/retrain.py:retrain_flow"

@@ -682,9 +682,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         description=f"retrain {params['model_name']} on the newest {params['newest']} scored "
                     f"images of {params['dataset']}; promote only when better")]
     if args.serve_enhance:
-        from flows.enhance import enhance_flow
+        from flows.enhance import enhance_job
 
-        deployments.append(enhance_flow.to_deployment(name="on-demand",
+        deployments.append(enhance_job.to_deployment(name="on-demand",
                                                       tags=["varlide", "enhance"]))
     print(f"serving {', '.join(f'{d.flow_name}/{d.name}' for d in deployments)}; retrain cron "
           f"{args.cron!r}", flush=True)

@@ -534,16 +534,17 @@ def default_sets(
 
     sets: list[EvalSet] = [paired_synthetic()] if synthetic else []
     sice = join(data_root, "train-sice")
-    fs, path = filesystem(sice)
-    if fs.exists(path):
+    sice_fs, sice_path = filesystem(sice)
+    held: list[str] | None = None
+    if sice_fs.exists(sice_path):
         held = holdout_split([f.rel_path for f in list_corpus(sice)], fraction, seed)[1]
         sets.append(paired_from_folder(sice, held, limit=pseudo_limit, max_side=max_side,
                                        name="sice-paired"))
     low = join(data_root, "dev-lowlight")
-    fs, path = filesystem(low)
-    if fs.exists(path):
+    low_fs, low_path = filesystem(low)
+    if low_fs.exists(low_path):
         sets.append(unpaired_folder(low, "dev-lowlight"))
-    if fs.exists(filesystem(sice)[1]):
+    if held is not None:
         sets.append(unpaired_folder(sice, "sice-moderate", held, brightness=MODERATE,
                                     limit=moderate_limit, max_side=max_side))
     return sets
