@@ -1,12 +1,18 @@
 r"""Enhancer ablations: train the variants on a reduced budget, then evaluate them.
 
-    .venv/bin/python benchmarks/ablate.py train --data ../shared/data/train-sice \
-        --out /tmp/train/ablate --steps 100 --warmup 25 --variants a,b,c,d,e
-    .venv/bin/python benchmarks/ablate.py ship --data ../shared/data/train-sice \
-        --out /tmp/train/shipped --steps 550 --lr 6e-3 --entropy-sign 1
-    .venv/bin/python benchmarks/ablate.py eval --data-root ../shared/data \
-        --out /tmp/train/ablate --max-images 16 --seeds 3 --dev-max-side 512 \
-        --shipped /tmp/train/shipped/final
+docs/METHOD.md's table (two runs at a time on 2 cores: ``--threads 1`` each)::
+
+    A=benchmarks/ablate.py; EV="--max-images 16 --seeds 3 --dev-max-side 512"
+    .venv/bin/python $A train --variants a,b,c,d,e --steps 200 --threads 1 \
+        --exposure-level 0.5 --out /tmp/train/ablate2
+    .venv/bin/python $A train --variants a --steps 800 --threads 1 --out /tmp/train/full
+    .venv/bin/python $A ship --exposure-level 0.5 --steps 800 --threads 1 --out /tmp/train/ship800
+    .venv/bin/python $A ship --no-vgpm --exposure-level 0.525 --steps 800 --threads 1 \
+        --out /tmp/train/ship-E0525                                  # the shipped weights
+    .venv/bin/python $A eval $EV --out /tmp/train/ablate2 --suffix " (200 steps)" --tag ablate
+    .venv/bin/python $A eval $EV --out /tmp/train/full --variants a --no-baselines \
+        --suffix " (800 steps)" --shipped /tmp/train/ship-E0525/final --label shipped \
+        --merge /tmp/train/ablate2/eval_per_image-ablate.csv --tag all
 
 ``train`` writes OUT/<variant>/final (and checkpoints); ``eval`` writes
 OUT/eval_per_image*.csv, eval_summary*.csv and eval*.md (docs/METHOD.md's table).
@@ -58,6 +64,9 @@ def cmd_train(args) -> None:
             kw = dict(kw, warmup=args.warmup)
         if args.threads:
             kw = dict(kw, threads=args.threads)
+        if args.exposure_level and kw.get("loss") != "zero-dce":
+            kw = dict(kw, loss_options={**kw.get("loss_options", {}),
+                                        "exposure_level": args.exposure_level})
         cfg = recipe(args.steps, **kw)
         out = os.path.join(args.out, name)
         t0 = time.time()
@@ -73,12 +82,15 @@ def cmd_train(args) -> None:
 
 
 def cmd_ship(args) -> None:
-    """The shipped model: varlide-lite (VICM + VGPM), the full recipe (warm-up 50)."""
+    """The shipped model: varlide-lite, the full recipe (warm-up 50); ``--no-vgpm``: VICM only."""
     from varlide.training import train
 
     cfg = recipe(args.steps, enhancer="varlide-lite", warmup=50, val_every=200,
+                 model={"vgpm": not args.no_vgpm},
                  checkpoint_every=50, keep_checkpoints=5,
-                 loss_options={"entropy_sign": args.entropy_sign},
+                 loss_options={"entropy_sign": args.entropy_sign,
+                               **({"exposure_level": args.exposure_level}
+                                  if args.exposure_level else {})},
                  **({"lr": args.lr} if args.lr else {}),
                  **({"threads": args.threads} if args.threads else {}))
     print(f"== shipped: {json.dumps(cfg.as_dict())}", flush=True)
@@ -109,7 +121,8 @@ def build_sets(data_root: str, limit: int | None, seeds: int, dev_max_side: int 
 
 
 def build_enhancers(out: str, shipped: str | None, variants: str = "a,b,c,d,e",
-                    baselines: bool = True, suffix: str = ""):
+                    baselines: bool = True, suffix: str = "",
+                    label: str = "varlide-lite (shipped)"):
     """Display name -> enhancer; learned ones with full routing (never skip, VGPM always)."""
     from varlide.models.base import create_enhancer
 
@@ -130,7 +143,7 @@ def build_enhancers(out: str, shipped: str | None, variants: str = "a,b,c,d,e",
         else:
             enh[name] = create_enhancer("varlide-lite", weights=w, **full)
     if shipped:
-        enh["varlide-lite (shipped)"] = create_enhancer("varlide-lite", weights=shipped, **full)
+        enh[label] = create_enhancer("varlide-lite", weights=shipped, **full)
     return enh
 
 
@@ -142,7 +155,7 @@ def cmd_eval(args) -> None:
     for s in sets:
         print(f"set {s.name}: {len(s)} images ({s.description})", flush=True)
     enh = build_enhancers(args.out, args.shipped, args.variants, not args.no_baselines,
-                          args.suffix)
+                          args.suffix, args.label)
     per = measure(enh, sets, batch_size=8, iqa_max_side=args.iqa_max_side)
     os.makedirs(args.out, exist_ok=True)
     tag = f"-{args.tag}" if args.tag else ""
@@ -200,6 +213,8 @@ def main(argv=None) -> None:
     t.add_argument("--warmup", type=int, default=None, help="default: the recipe's 50")
     t.add_argument("--variants", default="a,b,c,d,e")
     t.add_argument("--threads", type=int, default=None, help="torch threads (two runs at once: 1)")
+    t.add_argument("--exposure-level", type=float, default=None,
+                   help="VarlideLoss E of our-loss variants (METHOD.md's 200-step rows: 0.5)")
     s = sub.add_parser("ship", help="train the shipped varlide-lite on the full recipe")
     s.add_argument("--data", default="../shared/data/train-sice")
     s.add_argument("--out", default="/tmp/train/shipped")
@@ -207,6 +222,10 @@ def main(argv=None) -> None:
     s.add_argument("--lr", type=float, default=None)
     s.add_argument("--entropy-sign", type=float, default=1.0)
     s.add_argument("--threads", type=int, default=None, help="torch threads")
+    s.add_argument("--exposure-level", type=float, default=None,
+                   help="VarlideLoss E (default: its TRAINED_EXPOSURE_LEVEL)")
+    s.add_argument("--no-vgpm", action="store_true",
+                   help="VICM only (the shipped weights: VGPM measured harmful, METHOD.md)")
     e = sub.add_parser("eval")
     e.add_argument("--data-root", default="../shared/data")
     e.add_argument("--out", default="/tmp/train/ablate")
@@ -222,6 +241,7 @@ def main(argv=None) -> None:
     e.add_argument("--tag", default="", help="suffix of the output files")
     e.add_argument("--suffix", default="", help="appended to the variant rows' names, e.g. "
                    "' (800 steps)'")
+    e.add_argument("--label", default="varlide-lite (shipped)", help="row name of --shipped")
     e.add_argument("--merge", nargs="*", help="per-image CSVs of earlier calls to merge in")
     d = sub.add_parser("downscale", help="quality cost of downscaled curve estimation")
     d.add_argument("--data-root", default="../shared/data")

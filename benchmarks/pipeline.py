@@ -243,7 +243,8 @@ def run_ours(lowlight: Path, reference: Path, out_dir: Path, run_id: str) -> dic
     from varlide.config import Config
     from varlide.storage.runstore import RunStore
 
-    cfg = Config(reference=str(reference), progress=False, run_id=run_id)
+    cfg = Config(reference=str(reference), progress=False, run_id=run_id,
+                 enhancer="classic-curve")  # the baseline script's enhancer
     with _ThreadTimer(engine, "_read_and_decode") as dec, \
             _ThreadTimer(engine, "_write_enhanced") as enc:
         t = time.perf_counter()
@@ -339,7 +340,8 @@ def _memory_child(lowlight: str, reference: str, out: str) -> int:
     from varlide.config import Config
 
     t = time.perf_counter()
-    cfg = Config(reference=reference, progress=False, run_id=f"bench-{Path(out).name}")
+    cfg = Config(reference=reference, progress=False, run_id=f"bench-{Path(out).name}",
+                 enhancer="classic-curve")
     summary = run_enhance(lowlight, out, cfg)
     print(json.dumps({
         "seconds": time.perf_counter() - t,

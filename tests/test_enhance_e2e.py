@@ -19,6 +19,7 @@ from PIL import Image
 
 from varlide.cli import main
 from varlide.config import Config
+from varlide.models.varlide_lite import default_weights_dir
 from varlide.storage.results import SCHEMA_VERSION, run_schema
 from varlide.storage.uri import filesystem
 
@@ -90,7 +91,10 @@ def test_end_to_end_local_and_s3(backend, tmp_path, mlflow_sqlite, request):
     assert sorted(df["shard"].unique()) == [0, 1, 2]
     assert df["visibility"].between(0, 1).all() and df["blur"].between(0, 1).all()
     assert (df["q_brightness_out"] > df["q_brightness_in"]).all()  # dark frames got brighter
-    assert set(df["enhancer"]) == {"classic-curve"}
+    assert set(df["enhancer"]) == {"varlide-lite"}  # the default, with its shipped weights
+    shipped = json.loads((default_weights_dir("varlide-lite") / "config.json").read_text())
+    assert set(df["enhancer_version"]) == {shipped["sha256"][:12]}
+    assert set(df["route"]) <= {"skip", "curve"}  # shipped weights are VICM only: never 'full'
     assert df["sha256"].str.len().eq(64).all()
     # schema is the run's fixed schema, in order
     fs, root = filesystem(out)

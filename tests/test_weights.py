@@ -19,8 +19,10 @@ from varlide import weights
 from varlide.cli import main
 from varlide.config import Config
 
+# classic-curve: the round trip is about downloaded files; the default enhancer's weights
+# ship inside the package (covered by test_requirements_name_every_file)
 SELECT = ["--prior", "clip", "--prior-model", TINY, "--metrics", "niqe,maniqa",
-          "--reference-metrics", "lpips"]
+          "--reference-metrics", "lpips", "--enhancer", "classic-curve"]
 
 
 def _caches(monkeypatch, root):
@@ -98,7 +100,7 @@ def test_round_trip_pull_mirror_sync_verify(tmp_path, monkeypatch, s3_bucket, ca
     capsys.readouterr()
 
     mirror = f"{s3_bucket}/weights"
-    assert main(["weights", "mirror", mirror]) == 0, capsys.readouterr()
+    assert main(["weights", "mirror", mirror, *SELECT]) == 0, capsys.readouterr()
     remote = weights.read_remote_lock(mirror)
     assert remote["files"] == lock["files"]
 

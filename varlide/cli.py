@@ -42,7 +42,8 @@ def _enhance_parser(sub: argparse._SubParsersAction) -> None:
                    "scheduler address (tcp://host:8786), or local:N for N worker processes "
                    "here; GPU runs go to workers started with --resources GPU=1")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--enhancer", help="registered enhancer name (default classic-curve)")
+    p.add_argument("--enhancer", help="registered enhancer (default varlide-lite, shipped weights; "
+                   "classic-curve needs no weights)")
     p.add_argument("--weights", dest="enhancer_weights", help="enhancer weights path or URI")
     p.add_argument("--prior", help="prior backend: analytic (default), clip, auto (the enhancer's)")
     p.add_argument("--prior-model", help="clip model: ARCH:TAG (default ViT-B-32:openai), "

@@ -74,7 +74,8 @@ class Config(BaseModel):
     clip_blur_prompts: tuple[tuple[str, str], ...] = Field(
         DEFAULT_CLIP_BLUR_PROMPTS, min_length=1,
         description="clip prior: [blurry, sharp]-style pairs; b = P(first), pair mean")
-    enhancer: str = "classic-curve"
+    enhancer: str = Field("varlide-lite", description="registered enhancer; varlide-lite "
+                          "runs its shipped weights unless enhancer_weights is set")
     enhancer_weights: str | None = Field(None, description="path/URI of enhancer weights")
     enhancer_options: dict[str, Any] = Field(
         default_factory=dict, description="enhancer keyword options, e.g. varlide-lite routing "

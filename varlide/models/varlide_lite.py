@@ -403,4 +403,23 @@ def _make_varlide_lite(weights: str | None = None, **kw) -> VarlideLite:
         if not (folder / WEIGHTS_FILE).is_file():
             raise missing_default_weights("varlide-lite")
         weights = str(folder)
+        model = VarlideLite.from_pretrained(weights, **kw)
+        _note_shipped_licence(model.version, folder)
+        return model
     return VarlideLite.from_pretrained(weights, **kw)
+
+
+_LICENCE_NOTED: set[str] = set()
+
+
+def _note_shipped_licence(version: str, folder: Path) -> None:
+    """Once per process: the shipped weights inherit their training data's research-use terms,
+    and the default enhancer uses them, so say so where a user will see it."""
+    if version in _LICENCE_NOTED:
+        return
+    _LICENCE_NOTED.add(version)
+    logging.getLogger("varlide").warning(
+        "varlide-lite: using the shipped weights %s, trained on SICE images distributed for "
+        "research use only; the weights inherit that restriction (%s). For other uses train "
+        "your own (`varlide train`) or use `--enhancer classic-curve` (no weights).",
+        version, folder / "MODEL_CARD.md")
