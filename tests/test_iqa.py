@@ -97,6 +97,22 @@ def test_psnr_ssim_order(astro):
         m("psnr", x)
 
 
+def test_ssim_on_row_strips_equals_the_whole_frame(astro):
+    """The CPU strip path (engine and eval) gives pyiqa's whole-frame SSIM, to 1e-12."""
+    from varlide.iqa.measure import measure, strip_window
+
+    gen = torch.Generator().manual_seed(1)
+    x = astro[..., :300, :256]
+    batch = torch.cat([x, (x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(0, 1)])
+    ref = x.expand(2, -1, -1, -1)
+    ssim = create_metric("ssim", device="cpu")
+    assert strip_window(ssim) == 11  # the strip path is taken for these frames
+    whole = ssim(batch, ref).double()
+    strips = torch.tensor(measure(ssim, batch, None, ref), dtype=torch.float64)
+    assert torch.allclose(strips, whole, rtol=0, atol=1e-12), (strips, whole)
+    assert strips[0] > strips[1]  # the noisy copy scores lower
+
+
 def test_piqe_on_a_real_image(shared_data):
     path = shared_data / "dev-lowlight" / "3.png"
     if not path.is_file():

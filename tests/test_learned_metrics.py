@@ -14,9 +14,9 @@ from PIL import Image
 
 from varlide import weights
 from varlide.cli import main
-from varlide.engine import _measure
 from varlide.iqa import create_metric, metric_info
 from varlide.iqa.base import Metric, MetricInfo, metric_weights
+from varlide.iqa.measure import measure as _measure
 
 LEARNED = ("niqe", "musiq", "maniqa", "clipiqa", "brisque", "lpips")
 

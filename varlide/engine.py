@@ -17,11 +17,8 @@ How the work is overlapped (CPU and GPU alike):
   which costs more than it gains, badly so when the machine is shared. The intra-op thread
   count is process-wide: it is set for the duration of a shard and restored after. On CUDA
   there is one lane and nothing is changed;
-- on CPU, a full-reference measure whose value is the mean of a map made with a small valid
-  window (pyiqa's ``ssim``) is called on horizontal strips of each image and the strip means
-  are combined, weighted by their rows: the same value to ~1e-16, 4-8x faster, because the
-  float64 convolution it does unfolds 121 doubles per pixel, which leaves the cache on a
-  whole frame (see ``_strip_window``).
+- measures go through ``varlide.iqa.measure.measure`` (size cap, and on CPU the row-strip
+  path for pyiqa's ``ssim``: same value, 4-8x faster), as ``varlide eval`` does.
 Then the shard's Parquet file is written whole, and only then its completion marker.
 """
 
@@ -34,7 +31,6 @@ import os
 import socket
 import threading
 import time
-import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,12 +41,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from varlide.config import Config
 from varlide.imaging.decode import DecodedImage, DecodeError, decode_image
 from varlide.imaging.encode import encode_image
 from varlide.iqa.base import Metric, create_metric
+from varlide.iqa.measure import measure
 from varlide.models.base import Enhancer, create_enhancer
 from varlide.priors.base import Prior
 from varlide.priors.calibration import prior_for_run
@@ -270,97 +266,6 @@ def _to_batch(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
     return batch.contiguous()
 
 
-def _downscale(images: torch.Tensor, max_side: int | None) -> torch.Tensor:
-    if not max_side:
-        return images
-    h, w = images.shape[-2:]
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return images
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return F.interpolate(images, size=size, mode="area")
-
-
-# pyiqa architectures whose score is the mean of a per-pixel map made with a k x k 'valid'
-# filter on pointwise-preprocessed inputs (their k), so row strips give the same score.
-_STRIP_ARCHS = {"SSIM": 11}
-# Output pixels per strip call: pyiqa's ssim filters in float64, which torch does on CPU by
-# unfolding 121 doubles per pixel; ~8k pixels (an 8 MB buffer) stays in cache. Measured on a
-# 2-core EPYC (1 thread, per 640x480 image): whole frame ~1800 ms, 4-8k-pixel strips ~400 ms.
-_STRIP_PIXELS = 8192
-_STRIP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_STRIP_LOCK = threading.Lock()
-
-
-def _strip_window(metric: Metric) -> int | None:
-    """The filter size when ``metric`` may be called on row strips of a frame, else None.
-
-    True of pyiqa's SSIM as built here (``downsample=False``, no border crop): luma per
-    pixel, 11x11 'valid' Gaussian filters, the mean of the SSIM map. Rows [r, r + k + 10) of a
-    frame give exactly rows [r, r + k) of its map, so the row-weighted mean of the strips'
-    scores is the frame's score. Checked once per metric object on a random pair against a
-    whole-frame call (must agree to 1e-12); any other measure is called on whole frames.
-    """
-    with _STRIP_LOCK:
-        if metric in _STRIP_CHECKED:
-            return _STRIP_CHECKED[metric]
-    arch = getattr(getattr(metric, "net", None), "net", None)
-    window = _STRIP_ARCHS.get(type(arch).__name__)
-    if (window is None or not metric.info.needs_reference
-            or getattr(arch, "downsample", True) or getattr(arch, "crop_border", 1)):
-        window = None
-    else:
-        gen = torch.Generator().manual_seed(0)
-        x, ref = torch.rand(2, 1, 3, 4 * window, 3 * window, generator=gen)
-        whole = metric(x, ref).double()
-        strips = _measure_strips(metric, x, ref, window, pixels=(2 * window + 1) * 7)
-        if not torch.allclose(whole, strips, rtol=0, atol=1e-12):
-            log.warning("%s on row strips differs from whole frames (%s vs %s); whole frames",
-                        metric.info.name, strips.tolist(), whole.tolist())
-            window = None
-    with _STRIP_LOCK:
-        _STRIP_CHECKED[metric] = window
-    return window
-
-
-def _measure_strips(metric: Metric, images: torch.Tensor, reference: torch.Tensor,
-                    window: int, pixels: int = _STRIP_PIXELS) -> torch.Tensor:
-    """Scores ``(B,)`` float64 of a full-reference map-mean measure, from row strips."""
-    b, _, h, w = images.shape
-    out_rows, out_cols = h - window + 1, w - window + 1
-    rows = max(1, pixels // out_cols)
-    values = torch.empty(b, dtype=torch.float64)
-    for i in range(b):
-        x, ref = images[i:i + 1], reference[i:i + 1]
-        total = 0.0
-        for top in range(0, out_rows, rows):
-            k = min(rows, out_rows - top)
-            score = metric(x[..., top:top + k + window - 1, :],
-                           ref[..., top:top + k + window - 1, :])
-            total += float(score.reshape(-1)[0]) * k
-        values[i] = total / out_rows
-    return values
-
-
-def _measure(metric: Metric, images: torch.Tensor, max_side: int | None,
-             reference: torch.Tensor | None = None) -> list[float | None]:
-    if metric.info.source == "pyiqa":  # learned / pyiqa measures see the capped size
-        images = _downscale(images, max_side)
-        reference = None if reference is None else _downscale(reference, max_side)
-    window = None
-    if reference is not None and images.device.type == "cpu":
-        window = _strip_window(metric)
-    h, w = images.shape[-2:]
-    if window is not None and w >= window and h - window + 1 > _STRIP_PIXELS // (w - window + 1):
-        values = _measure_strips(metric, images, reference, window)
-    elif metric.info.needs_reference:
-        values = metric(images, reference)
-    else:
-        values = metric(images)
-    return [None if not np.isfinite(v) else float(v)
-            for v in values.detach().double().cpu().numpy()]
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -419,7 +324,7 @@ def _quality(batch: list[Loaded], images: torch.Tensor, outputs: torch.Tensor | 
         for side, tensor in (("in", images), ("out", outputs)):
             if tensor is None:
                 continue
-            for i, value in enumerate(_measure(metric, tensor, cfg.iqa_max_side)):
+            for i, value in enumerate(measure(metric, tensor, cfg.iqa_max_side)):
                 per_row[i][f"q_{name}_{side}"] = value
     if stages.reference_metrics:
         have = [i for i, item in enumerate(batch) if item.reference is not None]
@@ -432,7 +337,7 @@ def _quality(batch: list[Loaded], images: torch.Tensor, outputs: torch.Tensor | 
                         continue
                     if idx is not None:  # only the images that have a reference
                         tensor = tensor.index_select(0, idx)
-                    values = _measure(metric, tensor, cfg.iqa_max_side, ref)
+                    values = measure(metric, tensor, cfg.iqa_max_side, ref)
                     for i, value in zip(have, values, strict=True):
                         per_row[i][f"q_{name}_{side}"] = value
     return per_row

@@ -81,6 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from varlide.iqa.base import Metric, MetricInfo, create_metric, metric_info
+from varlide.iqa.measure import measure as measure_metric
 
 log = logging.getLogger(__name__)
 
@@ -795,14 +796,6 @@ def _build_metric(name: str, device: torch.device, ssim_impl: str) -> Metric:
     return create_metric(name, device=device)
 
 
-def _downscale(x: torch.Tensor, max_side: int | None) -> torch.Tensor:
-    if not max_side or max(x.shape[-2:]) <= max_side:
-        return x
-    h, w = x.shape[-2:]
-    s = max_side / max(h, w)
-    return F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="area")
-
-
 def _batches(
     items: Sequence[EvalItem], batch_size: int
 ) -> Iterator[list[tuple[EvalItem, np.ndarray, np.ndarray | None]]]:
@@ -910,11 +903,8 @@ def measure(
 
 def _values(metric: Metric, images: torch.Tensor, ref: torch.Tensor | None,
             max_side: int | None) -> list[float]:
-    if metric.info.source == "pyiqa":
-        images = _downscale(images, max_side)
-        ref = None if ref is None else _downscale(ref, max_side)
-    out = metric(images, ref) if metric.info.needs_reference else metric(images)
-    return [float(v) for v in out.detach().double().cpu().reshape(-1)]
+    """The engine's own measuring path (size cap, CPU strips), NaN where not finite."""
+    return [float("nan") if v is None else v for v in measure_metric(metric, images, max_side, ref)]
 
 
 @torch.inference_mode()
