@@ -99,8 +99,9 @@ def test_serve_schedules_and_runs_the_gated_retrain(prefect_server, tmp_path, mo
                     if serve.poll() is not None:
                         pytest.fail(f"varlide serve exited {serve.returncode}:\n"
                                     f"{log.read_text()[-3000:]}")
-                    try:  # serve registers its deployments one by one: wait for both
+                    try:  # serve registers its deployments one by one: wait for all
                         client.read_deployment_by_name("varlide-enhance-job/on-demand")
+                        client.read_deployment_by_name("varlide-eval/on-demand")
                         dep = client.read_deployment_by_name("varlide-retrain/nightly")
                     except Exception:
                         if time.monotonic() > deadline:
@@ -109,6 +110,7 @@ def test_serve_schedules_and_runs_the_gated_retrain(prefect_server, tmp_path, mo
                 assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
                 assert dep.parameters["dataset"] == "night" and dep.parameters["newest"] == 10
                 assert client.read_deployment_by_name("varlide-enhance-job/on-demand").name
+                assert not client.read_deployment_by_name("varlide-eval/on-demand").schedules
             run = run_deployment("varlide-retrain/nightly", timeout=420)
             assert run.state.is_completed(), f"{run.state}:\n{log.read_text()[-4000:]}"
     finally:

@@ -661,14 +661,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the retrain flow on a cron schedule (Prefect)",
                        description="Serve Prefect deployments from this process (Prefect "
                        "`serve`, needs a Prefect server: PREFECT_API_URL): the retrain flow "
-                       "with a cron schedule and these parameters, and the enhance flow on "
-                       "demand (no schedule). Runs until interrupted.")
+                       "with a cron schedule and these parameters, and the enhance and eval "
+                       "flows on demand (no schedule). Runs until interrupted.")
     _retrain_args(p)
     p.add_argument("--cron", default="0 2 * * *", help="retrain schedule (default nightly, "
                    "02:00 UTC)")
     p.add_argument("--name", default="nightly", help="the retrain deployment's name")
     p.add_argument("--no-enhance", dest="serve_enhance", action="store_false",
                    help="do not serve the enhance flow")
+    p.add_argument("--no-eval", dest="serve_eval", action="store_false",
+                   help="do not serve the eval flow")
     p.set_defaults(func=cmd_serve)
 
 
@@ -687,6 +689,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         deployments.append(enhance_job.to_deployment(name="on-demand",
                                                       tags=["varlide", "enhance"]))
+    if args.serve_eval:
+        from flows.evaluate import eval_flow
+
+        deployments.append(eval_flow.to_deployment(name="on-demand", tags=["varlide", "eval"]))
     print(f"serving {', '.join(f'{d.flow_name}/{d.name}' for d in deployments)}; retrain cron "
           f"{args.cron!r}", flush=True)
     serve(*deployments, print_starting_message=False)
