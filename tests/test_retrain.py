@@ -122,6 +122,18 @@ def test_finetune_config_continues_the_champion(tmp_path):
     assert f["enhancer"] == "varlide-lite" and f["prior"] == "analytic"
 
 
+def test_gate_scores_the_models_not_the_router():
+    """A weights folder loads with routing off, as `varlide eval` measures it."""
+    from varlide.models.varlide_lite import default_weights_dir
+
+    model = promotion._load(str(default_weights_dir("varlide-lite")), "cpu")
+    assert model.skip_visibility is None and model.full_blur == 0.0
+    x = torch.full((1, 3, 32, 32), 0.5)  # v in the default skip band: routed, it is skipped
+    v, b = torch.tensor([0.92]), torch.tensor([0.1])
+    out = model.enhance(x, v, b)
+    assert out.route == ["curve"] and not torch.equal(out.images, x)
+
+
 def test_training_starts_from_init_weights(tmp_path):
     from varlide.models.varlide_lite import VarlideLite
     from varlide.training import TrainConfig, train

@@ -217,16 +217,19 @@ def score_pair(champion, candidate, sets, cfg: EvalConfig | None = None
 
 
 def _load(model, device: str):
+    """A weights folder -> its enhancer on the full path (routing off): the gate compares the
+    models, as ``varlide eval`` does; with routing on, images the router skips would score the
+    same for both and dilute the difference."""
     if not isinstance(model, str):
         return model
     import json
 
-    from varlide.models.base import create_enhancer
+    from varlide.evaluation import load_enhancer
     from varlide.storage.uri import filesystem, join
 
     fs, p = filesystem(join(model, "config.json"))
     name = json.loads(fs.cat_file(p))["enhancer"]
-    return create_enhancer(name, weights=model, device=device)
+    return load_enhancer(name, weights=model, device=device)
 
 
 # --------------------------------------------------------------------------- training / records
