@@ -7,12 +7,17 @@ docs/METHOD.md's table (two runs at a time on 2 cores: ``--threads 1`` each)::
         --exposure-level 0.5 --out /tmp/train/ablate2
     .venv/bin/python $A train --variants a --steps 800 --threads 1 --out /tmp/train/full
     .venv/bin/python $A ship --exposure-level 0.5 --steps 800 --threads 1 --out /tmp/train/ship800
+    .venv/bin/python $A ship --exposure-level 0.525 --steps 800 --threads 1 \
+        --out /tmp/train/ship800-vgpm525                             # VICM+VGPM, shipped loss
+    .venv/bin/python $A train --variants b --steps 800 --threads 1 --exposure-level 0.525 \
+        --out /tmp/train/full525                                     # fixed N, shipped loss
     .venv/bin/python $A ship --no-vgpm --exposure-level 0.525 --steps 800 --threads 1 \
         --out /tmp/train/ship-E0525                                  # the shipped weights
     .venv/bin/python $A eval $EV --out /tmp/train/ablate2 --suffix " (200 steps)" --tag ablate
     .venv/bin/python $A eval $EV --out /tmp/train/full --variants a --no-baselines \
         --suffix " (800 steps)" --shipped /tmp/train/ship-E0525/final --label shipped \
         --merge /tmp/train/ablate2/eval_per_image-ablate.csv --tag all
+    (and likewise one eval call per further weights folder, each merged in with --merge)
 
 ``train`` writes OUT/<variant>/final (and checkpoints); ``eval`` writes
 OUT/eval_per_image*.csv, eval_summary*.csv and eval*.md (docs/METHOD.md's table).
