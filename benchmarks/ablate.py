@@ -96,6 +96,9 @@ def cmd_ship(args) -> None:
                  loss_options={"entropy_sign": args.entropy_sign,
                                **({"exposure_level": args.exposure_level}
                                   if args.exposure_level else {})},
+                 **({"loss_weights": {"exp": args.exposure_weight}}
+                    if args.exposure_weight else {}),
+                 **({"darken_prob": args.darken_prob} if args.darken_prob is not None else {}),
                  **({"lr": args.lr} if args.lr else {}),
                  **({"threads": args.threads} if args.threads else {}))
     print(f"== shipped: {json.dumps(cfg.as_dict())}", flush=True)
@@ -229,6 +232,10 @@ def main(argv=None) -> None:
     s.add_argument("--threads", type=int, default=None, help="torch threads")
     s.add_argument("--exposure-level", type=float, default=None,
                    help="VarlideLoss E (default: its TRAINED_EXPOSURE_LEVEL)")
+    s.add_argument("--exposure-weight", type=float, default=None,
+                   help="VarlideLoss exposure weight (default: its 20)")
+    s.add_argument("--darken-prob", type=float, default=None,
+                   help="probability a bright crop is darkened (default: the recipe's 0.25)")
     s.add_argument("--no-vgpm", action="store_true",
                    help="VICM only (the shipped weights: VGPM measured harmful, METHOD.md)")
     e = sub.add_parser("eval")
