@@ -49,47 +49,36 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import (
+    cores,
+    cpu_model,
+    load_average,
+)  # noqa: E402
+from benchmarks._common import (
+    say as _say,
+)
+from benchmarks._common import (
+    setup_env as _setup_env,
+)
+from benchmarks._common import (
+    size_arg as _size,
+)
+
 METRIC_COLUMNS = ("visibility", "blur", "n_iter", "route", "status")
 
 
-def _say(*parts: Any) -> None:
-    print(*parts, flush=True)
 
 
-def _size(text: str) -> tuple[int, int]:
-    w, _, h = text.lower().partition("x")
-    return int(w), int(h)
 
 
-def _setup_env(workdir: Path) -> None:
-    """Environment of the benchmark; before Prefect or MLflow is imported."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect-home"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
 
 
 def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} cores, torch {torch.__version__}, python {platform.python_version()}"
+    return (f"{cpu_model()}, {cores()} cores, torch {torch.__version__}, "
+            f"python {platform.python_version()}")
 
 
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def corpus(workdir: Path, images: int, size: tuple[int, int]) -> Path:

@@ -25,41 +25,13 @@ Timing: CUDA events around ``--iters`` calls after ``--warmup`` calls, median of
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
+import os
+import sys
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
-    """Median seconds per call."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        runs = []
-        for _ in range(3):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
-                start.record()
-                for _ in range(iters):
-                    fn()
-                end.record()
-                end.synchronize()
-                runs.append(start.elapsed_time(end) / 1000 / iters)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    fn()
-                runs.append((time.perf_counter() - t0) / iters)
-    return statistics.median(runs)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import median_seconds as _time  # noqa: E402
 
 
 def _autocast(device: torch.device, bf16: bool):

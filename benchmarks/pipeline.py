@@ -53,6 +53,21 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import (
+    cores,
+    cpu_model,
+)  # noqa: E402
+from benchmarks._common import (
+    say as _say,
+)
+from benchmarks._common import (
+    setup_env as _setup_env,
+)
+from benchmarks._common import (
+    size_arg as _size,
+)
+
 DEFAULT_THREADS = torch.get_num_threads()  # what a plain script gets (the naive baseline)
 STAGES = ("decode", "prior", "enhance", "quality", "encode/write", "other")
 # Columns compared between ours (Parquet) and naive (CSV): (column, rtol, atol).
@@ -73,46 +88,18 @@ CHECKS = (
 PIXEL_FILES = 3  # enhanced images compared pixel by pixel
 
 
-def _say(*parts: Any) -> None:
-    print(*parts, flush=True)
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
-    if w < 16 or h < 16:
-        raise argparse.ArgumentTypeError(f"size too small: {text!r}")
-    return w, h
 
 
-def _setup_env(workdir: Path) -> None:
-    """Environment of a benchmark process; must run before Prefect or MLflow is imported."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect-home"))  # isolated state
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
 
 
 def machine() -> str:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or "?"
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem = float("nan")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cores} cores ({model}), {mem:.1f} GiB, no GPU used; Python "
+    return (f"{cores()} cores ({cpu_model()}), {mem:.1f} GiB, no GPU used; Python "
             f"{platform.python_version()}, torch {torch.__version__} "
             f"({DEFAULT_THREADS} intra-op threads by default)")
 

@@ -25,42 +25,14 @@ The last column is the ratio to ``analytic`` on the same device. Timing: CUDA ev
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
+import os
+import sys
 
 import open_clip
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
-    """Median seconds per call (3 repeats of ``iters`` calls)."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        runs = []
-        for _ in range(3):
-            if device.type == "cuda":
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(iters):
-                    fn()
-                end.record()
-                torch.cuda.synchronize(device)
-                runs.append(start.elapsed_time(end) / 1000 / iters)
-            else:
-                t = time.perf_counter()
-                for _ in range(iters):
-                    fn()
-                runs.append((time.perf_counter() - t) / iters)
-    return statistics.median(runs)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import median_seconds as _time  # noqa: E402
 
 
 def _clip_prior(args: argparse.Namespace, device: torch.device, precision: str):
