@@ -16,8 +16,22 @@ docs/METHOD.md's table (two runs at a time on 2 cores: ``--threads 1`` each)::
     .venv/bin/python $A eval $EV --out /tmp/train/ablate2 --suffix " (200 steps)" --tag ablate
     .venv/bin/python $A eval $EV --out /tmp/train/full --variants a --no-baselines \
         --suffix " (800 steps)" --shipped /tmp/train/ship-E0525/final --label shipped \
-        --merge /tmp/train/ablate2/eval_per_image-ablate.csv --tag all
+        --merge /tmp/train/ablate2/eval_per_image-ablate.csv --tag all --backbone identity
     (and likewise one eval call per further weights folder, each merged in with --merge)
+
+The backbone slot's denoiser (METHOD.md, "The backbone slot"): which filter, then every row
+with it (``--backbone denoise`` also filters the baselines' outputs: rows "+ denoiser")::
+
+    .venv/bin/python $A denoise --out /tmp/train/denoise
+    .venv/bin/python $A eval $EV --out /tmp/train/full --variants a --suffix " (800 steps)" \
+        --shipped varlide/weights/varlide-lite --backbone denoise --tag dn1 \
+        --label "varlide-lite (shipped: VICM, E 0.525, 800 steps)"
+    .venv/bin/python $A eval $EV --out /tmp/train/full525 --variants b --no-baselines \
+        --suffix " (800 steps, E 0.525)" --shipped /tmp/train/ship800-vgpm525/final \
+        --label "vicm+vgpm (800 steps, E 0.525)" --backbone denoise --tag dn2 \
+        --merge /tmp/train/full/eval_per_image-dn1.csv
+    .venv/bin/python $A ship --no-vgpm --backbone denoise --exposure-level 0.525 \
+        --steps 800 --threads 1 --out /tmp/train/ship-dn-E0.525  # trained with the filter
 
 ``train`` writes OUT/<variant>/final (and checkpoints); ``eval`` writes
 OUT/eval_per_image*.csv, eval_summary*.csv and eval*.md (docs/METHOD.md's table).
@@ -91,7 +105,8 @@ def cmd_ship(args) -> None:
     from varlide.training import train
 
     cfg = recipe(args.steps, enhancer="varlide-lite", warmup=50, val_every=200,
-                 model={"vgpm": not args.no_vgpm},
+                 model={"vgpm": not args.no_vgpm,
+                        **({"backbone": args.backbone} if args.backbone else {})},
                  checkpoint_every=50, keep_checkpoints=5,
                  loss_options={"entropy_sign": args.entropy_sign,
                                **({"exposure_level": args.exposure_level}
@@ -128,30 +143,55 @@ def build_sets(data_root: str, limit: int | None, seeds: int, dev_max_side: int 
     ], held
 
 
+class Denoised:
+    """A baseline (``zero-dce``) followed by varlide-lite's ``denoise``
+    backbone (same filter, same settings), so a row can be compared at equal post-processing."""
+
+    def __init__(self, inner) -> None:
+        from varlide.models.denoise import NoiseAdaptiveDenoiser
+
+        self.inner, self.denoiser = inner, NoiseAdaptiveDenoiser()
+
+    def enhance(self, images, visibility, blur):
+        r = self.inner.enhance(images, visibility, blur)
+        r.images = self.denoiser(r.images.float(), images.float()).clamp(0, 1)
+        return r
+
+
 def build_enhancers(out: str, shipped: str | None, variants: str = "a,b,c,d,e",
                     baselines: bool = True, suffix: str = "",
-                    label: str = "varlide-lite (shipped)"):
-    """Display name -> enhancer; learned ones with full routing (never skip, VGPM always)."""
+                    label: str = "varlide-lite (shipped)", backbone: str | None = None):
+    """Display name -> enhancer; learned ones with full routing (never skip, VGPM always).
+
+    ``backbone``: None = each varlide-lite weights' own; ``identity`` / ``denoise`` forces it,
+    and ``denoise`` also puts the filter after the baselines (rows end in "+ denoiser")."""
+    from varlide.evaluation import full_path
     from varlide.models.base import create_enhancer
 
     full = dict(skip_visibility=None, full_blur=0.0)
+    if backbone:
+        full["backbone"] = backbone
+    dn = backbone == "denoise"
+    wrap = Denoised if dn else (lambda m: m)
+    tail = " + denoiser" if dn else ""
     enh: dict = {"input": None}
     if baselines:
-        enh["classic-curve"] = "classic-curve"
+        enh[f"classic-curve{tail}"] = full_path(create_enhancer(  # its own option
+            "classic-curve", **({"backbone": backbone} if backbone else {})))
     for key, (name, kw) in VARIANTS.items():
         if key not in variants.split(","):
             continue
         w = os.path.join(out, name, "final")
-        name = f"{name}{suffix}"
+        name = f"{name}{suffix}{tail}"
         if not os.path.exists(os.path.join(w, "model.safetensors")):
             print(f"({key} {name}: no weights at {w}, row left out)", flush=True)
             continue
         if kw["enhancer"] == "zero-dce":
-            enh[name] = create_enhancer("zero-dce", weights=w)
+            enh[name] = wrap(create_enhancer("zero-dce", weights=w))
         else:
             enh[name] = create_enhancer("varlide-lite", weights=w, **full)
     if shipped:
-        enh[label] = create_enhancer("varlide-lite", weights=shipped, **full)
+        enh[f"{label}{tail}"] = create_enhancer("varlide-lite", weights=shipped, **full)
     return enh
 
 
@@ -163,7 +203,7 @@ def cmd_eval(args) -> None:
     for s in sets:
         print(f"set {s.name}: {len(s)} images ({s.description})", flush=True)
     enh = build_enhancers(args.out, args.shipped, args.variants, not args.no_baselines,
-                          args.suffix, args.label)
+                          args.suffix, args.label, args.backbone)
     per = measure(enh, sets, batch_size=8, iqa_max_side=args.iqa_max_side)
     os.makedirs(args.out, exist_ok=True)
     tag = f"-{args.tag}" if args.tag else ""
@@ -183,6 +223,61 @@ def cmd_eval(args) -> None:
     print(f"eval took {time.time() - t0:.0f} s", flush=True)
 
 
+def _filter_variants():
+    """The backbone-slot filters compared in METHOD.md (name -> fn(curve_output, input))."""
+    from varlide.models.denoise import NoiseAdaptiveDenoiser, gaussian_blur, noise_sigma
+
+    def lee(y, noise_var, w):
+        mu = gaussian_blur(y, w)
+        var = (gaussian_blur(y * y, w) - mu * mu).clamp_min(0)
+        return mu + (var - noise_var).clamp_min(0) / var.clamp_min(1e-8) * (y - mu)
+
+    def lee_output_sigma(w, k):  # one sigma per image/channel, measured on the curve output
+        return lambda y, x: lee(y, (k * noise_sigma(y)[:, :, None, None]) ** 2, w)
+
+    out = {"none": lambda y, x: y,
+           "gaussian 1 px (everywhere)": lambda y, x: gaussian_blur(y, 1.0)}
+    for w, k in ((1.0, 1.0), (1.5, 1.0), (1.0, 1.5), (1.5, 1.5)):
+        out[f"Lee w {w:g}, output sigma x{k:g}"] = lee_output_sigma(w, k)
+    for w, k in ((1.0, 1.0), (1.5, 1.0), (2.0, 1.0), (1.5, 1.5)):
+        out[f"Lee w {w:g}, input sigma x gain x{k:g}"] = NoiseAdaptiveDenoiser(w, k)
+    return out
+
+
+class _Filtered:
+    def __init__(self, inner, fn) -> None:
+        self.inner, self.fn = inner, fn
+
+    def enhance(self, images, visibility, blur):
+        r = self.inner.enhance(images, visibility, blur)
+        r.images = self.fn(r.images.float(), images.float()).clamp(0, 1)
+        return r
+
+
+def cmd_denoise(args) -> None:
+    """Which filter fills the backbone slot: the shipped curve (backbone forced to identity)
+    followed by each candidate; paired psnr/ssim, and brightness/sharpness/piqe on real frames
+    (what a filter must not destroy)."""
+    from varlide.evaluation import format_table, measure, summarize
+    from varlide.models.base import create_enhancer
+
+    t0 = time.time()
+    sets, _ = build_sets(args.data_root, args.max_images, args.seeds, args.dev_max_side)
+    curve = create_enhancer("varlide-lite", weights=args.weights, skip_visibility=None,
+                            full_blur=0.0, backbone="identity")
+    enh = {name: _Filtered(curve, fn) for name, fn in _filter_variants().items()}
+    per = measure(enh, sets, batch_size=8, paired_metrics=("psnr", "ssim"),
+                  unpaired_metrics=("brightness", "sharpness", "piqe"))
+    table = format_table(summarize(per, sets=sets))
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        per.to_csv(os.path.join(args.out, "denoise_per_image.csv"), index=False)
+        with open(os.path.join(args.out, "denoise.md"), "w") as f:
+            f.write(table)
+    print(f"denoise ablation took {time.time() - t0:.0f} s", flush=True)
+
+
 def cmd_downscale(args) -> None:
     """The Zero-DCE++ knob: curve maps estimated on a 1/k copy, bilinear upsampling of the maps.
 
@@ -194,6 +289,8 @@ def cmd_downscale(args) -> None:
 
     sets, _ = build_sets(args.data_root, args.max_images, args.seeds, None)
     full = dict(skip_visibility=None, full_blur=0.0)
+    if args.backbone:
+        full["backbone"] = args.backbone
     enh = {f"varlide-lite /{k:g}": create_enhancer("varlide-lite", weights=args.weights,
                                                    downscale=k, **full)
            for k in args.factors}
@@ -236,6 +333,8 @@ def main(argv=None) -> None:
                    help="VarlideLoss exposure weight (default: its 20)")
     s.add_argument("--darken-prob", type=float, default=None,
                    help="probability a bright crop is darkened (default: the recipe's 0.25)")
+    s.add_argument("--backbone", choices=("identity", "denoise"), default=None,
+                   help="the backbone slot while training (default: identity)")
     s.add_argument("--no-vgpm", action="store_true",
                    help="VICM only (the shipped weights: VGPM measured harmful, METHOD.md)")
     e = sub.add_parser("eval")
@@ -255,6 +354,9 @@ def main(argv=None) -> None:
                    "' (800 steps)'")
     e.add_argument("--label", default="varlide-lite (shipped)", help="row name of --shipped")
     e.add_argument("--merge", nargs="*", help="per-image CSVs of earlier calls to merge in")
+    e.add_argument("--backbone", choices=("identity", "denoise"), default=None,
+                   help="force varlide-lite's backbone slot (default: each weights' own); "
+                   "denoise also filters the baselines' outputs (rows '+ denoiser')")
     d = sub.add_parser("downscale", help="quality cost of downscaled curve estimation")
     d.add_argument("--data-root", default="../shared/data")
     d.add_argument("--weights", default="varlide/weights/varlide-lite")
@@ -263,9 +365,18 @@ def main(argv=None) -> None:
     d.add_argument("--max-images", type=int, default=16)
     d.add_argument("--seeds", type=int, default=3)
     d.add_argument("--out", default=None)
+    d.add_argument("--backbone", choices=("identity", "denoise"), default=None,
+                   help="force the backbone slot (METHOD.md's table: identity)")
+    n = sub.add_parser("denoise", help="which filter fills the backbone slot")
+    n.add_argument("--data-root", default="../shared/data")
+    n.add_argument("--weights", default="varlide/weights/varlide-lite")
+    n.add_argument("--max-images", type=int, default=16)
+    n.add_argument("--seeds", type=int, default=3)
+    n.add_argument("--dev-max-side", type=int, default=512)
+    n.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    {"train": cmd_train, "ship": cmd_ship, "eval": cmd_eval,
-     "downscale": cmd_downscale}[args.cmd](args)
+    {"train": cmd_train, "ship": cmd_ship, "eval": cmd_eval, "downscale": cmd_downscale,
+     "denoise": cmd_denoise}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ Stages (each on random frames of ``--size``):
   curve net      Zero-DCE curve estimator + 8 curve iterations (the ANCHORS.md reference)
   curve net /k   the same with maps estimated on a 1/k copy (``--downscale``, Zero-DCE++)
   VICM           curve net + Theta_v + truncated iterations
+  denoise        the backbone slot's noise-adaptive filter (varlide.models.denoise)
   VGPM           rfft2, phase estimator, T = 8 recursion, irfft2
   FFT round trip rfft2 + amplitude/phase + polar + irfft2 (VGPM's floor)
-  varlide-lite   the whole enhancer via ``enhance()`` (every image on route 'full'), and /k
+  varlide-lite   the whole enhancer via ``enhance()`` (every image on route 'full': VICM,
+                 denoise, VGPM), and /k
 
 Modes: ``reference`` = fp32, one image at a time (the reference implementation's way);
 ``fp32 batched``; ``bf16 cl`` = bf16 autocast + channels_last, batched; ``bf16 cl compile``
@@ -47,7 +49,7 @@ def build_models(args, device: torch.device):
         lite = VarlideLite.from_pretrained(args.weights)
     else:
         torch.manual_seed(0)
-        lite = VarlideLite(VarlideLiteConfig())
+        lite = VarlideLite(VarlideLiteConfig(backbone="denoise"))
         with torch.no_grad():  # an active VGPM (an untrained one is the identity)
             lite.vgpm.theta_b.net[-1].bias.fill_(0.5)
             for p in lite.vgpm.psi_p.parameters():
@@ -58,8 +60,10 @@ def build_models(args, device: torch.device):
 def stage_fns(lite, device: torch.device, k: float):
     """name -> fn(x, v, b, bf16) for each module."""
     from varlide.models.curve_net import apply_curves
+    from varlide.models.denoise import NoiseAdaptiveDenoiser
 
     curve = lite.vicm.curve
+    denoiser = NoiseAdaptiveDenoiser()
 
     def curve_net(x, v, b, bf16, down=1.0):
         with _autocast(device, bf16):
@@ -69,6 +73,10 @@ def stage_fns(lite, device: torch.device, k: float):
     def vicm(x, v, b, bf16):
         with _autocast(device, bf16):
             return lite.vicm(x, v, mask="hard")["image"]
+
+    def denoise(x, v, b, bf16):
+        with _autocast(device, bf16):  # computes in float32 whatever autocast says
+            return denoiser(x, x * 0.25)
 
     def vgpm(x, v, b, bf16):
         with _autocast(device, bf16):
@@ -83,6 +91,7 @@ def stage_fns(lite, device: torch.device, k: float):
         "curve net": curve_net,
         f"curve net /{k:g}": lambda x, v, b, bf16: curve_net(x, v, b, bf16, down=k),
         "VICM": vicm,
+        "denoise": denoise,
         "VGPM": vgpm,
         "FFT round trip": fft,
     }

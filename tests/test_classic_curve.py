@@ -105,3 +105,29 @@ def test_dev_lowlight_brightened(model, prior, shared_data):
         y = model.enhance(x, s.visibility, s.blur).images
         before, after = mean_luma(x).item(), mean_luma(y).item()
         assert after > before and 0.15 < after < 0.6, (f.name, before, after)
+
+
+def test_denoise_option_cleans_a_noisy_dark_frame_and_says_so(model, prior, astro):
+    """``enhancer_options: {backbone: denoise}``: closer to the clean curve output, same
+    exposure, a version that names the filter; a frame the curve leaves alone stays as is."""
+    dn = create_enhancer("classic-curve", backbone="denoise")
+    assert dn.version == "classic-curve-1+denoise-w1.5-k1"
+    g = torch.Generator().manual_seed(0)
+    clean_dark = astro * 0.1
+    noisy = (clean_dark + 0.008 * torch.randn(astro.shape, generator=g)).clamp(0, 1)
+    s = prior.score(noisy)
+    target = model.enhance(clean_dark, s.visibility, s.blur).images  # same alpha, no noise
+    plain = model.enhance(noisy, s.visibility, s.blur).images
+    cleaned = dn.enhance(noisy, s.visibility, s.blur).images
+
+    def err(a):
+        return float(((a - target) ** 2).mean())
+
+    assert err(cleaned) < 0.5 * err(plain)
+    assert abs(float(mean_luma(cleaned) - mean_luma(plain))) < 0.01
+    lit = (0.55 + 0.02 * torch.randn((1, 3, 64, 64), generator=g)).clamp(0, 1)
+    s = prior.score(lit)  # in the target band: alpha = 0, so the filter is not applied either
+    out = dn.enhance(lit, s.visibility, s.blur)
+    assert out.n_iter.tolist() == [0] and torch.equal(out.images, lit)
+    with pytest.raises(TypeError, match="only the option 'backbone'"):
+        create_enhancer("classic-curve", strength=2)

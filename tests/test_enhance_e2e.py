@@ -93,7 +93,9 @@ def test_end_to_end_local_and_s3(backend, tmp_path, mlflow_sqlite, request):
     assert (df["q_brightness_out"] > df["q_brightness_in"]).all()  # dark frames got brighter
     assert set(df["enhancer"]) == {"varlide-lite"}  # the default, with its shipped weights
     shipped = json.loads((default_weights_dir("varlide-lite") / "config.json").read_text())
-    assert set(df["enhancer_version"]) == {shipped["sha256"][:12]}
+    # the shipped weights run the backbone slot's denoiser, and the version says so
+    assert shipped["model"]["backbone"] == "denoise"
+    assert set(df["enhancer_version"]) == {f"{shipped['sha256'][:12]}+denoise-w1.5-k1"}
     assert set(df["route"]) <= {"skip", "curve"}  # shipped weights are VICM only: never 'full'
     assert df["sha256"].str.len().eq(64).all()
     # schema is the run's fixed schema, in order
@@ -252,6 +254,29 @@ def test_no_enhance_scores_only(tmp_path, mlflow_sqlite):
     assert df["enhanced_uri"].isna().all() and df["enhancer"].isna().all()
     assert df["q_brightness_out"].isna().all() and df["q_brightness_in"].notna().all()
     assert not (out / "enhanced" / summary["run_id"]).exists()
+
+
+def test_backbone_option_is_in_the_run_id_and_the_rows(tmp_path, mlflow_sqlite):
+    """``enhancer_options: {backbone: identity}`` turns the shipped denoiser off: another run
+    id, the bare weights version on every row, and (noisy dark frames) different pixels."""
+    inp = tmp_path / "in"
+    _corpus(str(inp), n=2)
+    shipped = json.loads((default_weights_dir("varlide-lite") / "config.json").read_text())
+    runs = {}
+    for name, opts in (("denoise", {}), ("identity", {"backbone": "identity"})):
+        out = tmp_path / name
+        runs[name] = _run(str(inp), str(out), enhancer_options=opts, format="png")
+        df = _scores(str(out)).sort_values("rel_path")
+        assert set(df["status"]) == {"ok"}
+        runs[name]["version"] = set(df["enhancer_version"])
+        runs[name]["pixels"] = [np.asarray(Image.open(u), dtype=np.int16)
+                                for u in df["enhanced_uri"]]
+    assert runs["denoise"]["run_id"] != runs["identity"]["run_id"]
+    assert runs["identity"]["version"] == {shipped["sha256"][:12]}
+    assert runs["denoise"]["version"] == {f"{shipped['sha256'][:12]}+denoise-w1.5-k1"}
+    diffs = [np.abs(a - b).mean() for a, b in zip(runs["denoise"]["pixels"],
+                                                  runs["identity"]["pixels"], strict=True)]
+    assert all(d > 0.1 for d in diffs), diffs
 
 
 def test_reference_gives_psnr_and_ssim(tmp_path, mlflow_sqlite):

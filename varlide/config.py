@@ -79,7 +79,8 @@ class Config(BaseModel):
     enhancer_weights: str | None = Field(None, description="path/URI of enhancer weights")
     enhancer_options: dict[str, Any] = Field(
         default_factory=dict, description="enhancer keyword options, e.g. varlide-lite routing "
-        "{skip_visibility: [0.87, 0.97], full_blur: 0.3}")
+        "{skip_visibility: [0.87, 0.97], full_blur: 0.3}, its backbone slot {backbone: "
+        "identity|denoise}, {downscale: 4}; classic-curve {backbone: denoise}")
     enhance: bool = Field(True, description="False: scores only, no enhanced images")
     metrics: tuple[str, ...] = DEFAULT_METRICS
     reference_metrics: tuple[str, ...] = DEFAULT_REFERENCE_METRICS

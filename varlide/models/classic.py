@@ -30,6 +30,11 @@ mean lands a little under E* for a concave curve (Jensen) - the band was chosen 
 in mind: 8 of the 9 dev-lowlight frames (mean luma 0.06-0.31) come out at 0.33-0.44, the
 9th (9.png: black sky and street lamps) at 0.21; well-exposed photographs (E ~0.5) barely
 move.
+
+``backbone="denoise"`` (``enhancer_options: {backbone: denoise}``) follows the curve with the
+noise-adaptive filter of ``varlide.models.denoise`` (the curve lifts the sensor noise of a
+dark frame with it) on the frames the curve changed (alpha != 0); the version then ends in
+``+denoise-w1.5-k1``. Off by default, so the classic baseline stays what it was.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult
+from varlide.models.denoise import build_backbone
 from varlide.priors.analytic import MODEL as ANALYTIC_MODEL
 from varlide.priors.analytic import exposure_from_visibility
 
@@ -72,9 +78,15 @@ def alpha_from_visibility(v: torch.Tensor, n_iter: int = N_ITER) -> torch.Tensor
 
 class ClassicCurve(Enhancer):
     name = "classic-curve"
-    version = "classic-curve-1"  # bump on any change of N_ITER, targets or the v mapping
+    curve_version = "classic-curve-1"  # bump on any change of N_ITER, targets or the v mapping
     trained_prior = "analytic"
     trained_prior_model = ANALYTIC_MODEL
+
+    def __init__(self, backbone: str = "identity") -> None:
+        super().__init__()
+        self.backbone = build_backbone(backbone)
+        tag = self.backbone.tag()
+        self.version = f"{self.curve_version}+{tag}" if tag else self.curve_version
 
     @torch.no_grad()
     def enhance(
@@ -87,7 +99,12 @@ class ClassicCurve(Enhancer):
         if v.numel() != b:
             raise ValueError(f"{v.numel()} visibilities for a batch of {b} images")
         alpha = alpha_from_visibility(v)
-        out = apply_curve(images.float(), alpha).clamp_(0, 1).to(images.dtype)
+        x = images.float()
+        out = apply_curve(x, alpha).clamp_(0, 1)
+        if self.backbone.tag():
+            changed = (alpha != 0).view(-1, 1, 1, 1)
+            out = torch.where(changed, self.backbone(out, x).clamp_(0, 1), out)
+        out = out.to(images.dtype)
         n_iter = torch.where(alpha == 0, 0, N_ITER).to(torch.int16)
         return EnhanceResult(images=out, route=["curve"] * b, n_iter=n_iter, phase_strength=None)
 
@@ -98,6 +115,7 @@ def _make_classic_curve(weights: str | None = None, **kw) -> ClassicCurve:
         raise ValueError(
             f"classic-curve has no learned parameters; weights must be None, got {weights!r}"
         )
-    if kw:
-        raise TypeError(f"classic-curve takes no options, got {sorted(kw)}")
-    return ClassicCurve()
+    unknown = set(kw) - {"backbone"}
+    if unknown:
+        raise TypeError(f"classic-curve takes only the option 'backbone', got {sorted(unknown)}")
+    return ClassicCurve(**kw)

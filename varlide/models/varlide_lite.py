@@ -1,13 +1,21 @@
-"""``varlide-lite``: VICM -> [backbone slot, identity] -> VGPM, with score-based routing.
+"""``varlide-lite``: VICM -> [backbone slot] -> VGPM, with score-based routing.
 
 This is VAR-LIDE without its VAR backbone (and so without SF-RoPE): never call it VAR-LIDE.
 Inputs are images ``(B, 3, H, W)`` in [0, 1] and the prior's v (visibility) and b (blur).
 
+The backbone slot (``VarlideLiteConfig.backbone``) holds ``identity`` (nothing) or
+``denoise``, a weight-free noise-adaptive filter (``varlide.models.denoise``: the curve's
+amplified sensor noise, estimated and removed) standing in for a learned restoration
+backbone. A backbone is called as ``backbone(curve_output, input)``. It runs on the
+``curve`` and ``full`` routes; ``set_inference(backbone=...)`` (``enhancer_options``)
+overrides the weights' choice, and a non-identity backbone is part of the ``version``
+(``<sha12>+denoise-w1.5-k1``), so rows say what produced them.
+
 Routing (per image, by thresholds on v and b; constructor arguments, defaults below):
 
-    full   if b >= full_blur                                  VICM then VGPM
+    full   if b >= full_blur                                  VICM, backbone, VGPM
     skip   elif skip_visibility[0] <= v <= skip_visibility[1]  output = input, no compute
-    curve  otherwise                                          VICM only
+    curve  otherwise                                          VICM, backbone
 
 Defaults, on the ``analytic`` prior's scale (``varlide.priors.analytic``):
 ``skip_visibility = (0.87, 0.97)`` is exposure E in [0.40, 0.60] (v = E^4 / (E^4 + 0.25^4)):
@@ -25,7 +33,8 @@ Weights: ``save_pretrained(dir)`` writes ``model.safetensors`` and ``config.json
 architecture, the prior backend and model whose v/b scale training used, the sha256 of the
 weights file, and what the trainer adds); ``from_pretrained(path_or_uri)`` reads a folder
 or the ``.safetensors`` file (with ``config.json`` beside it) from any fsspec URI. The
-``version`` is the first 12 hex digits of the weights file's sha256 (``sha256sum``).
+``version`` is the first 12 hex digits of the weights file's sha256 (``sha256sum``), plus
+the backbone's tag when it is not the identity.
 """
 
 from __future__ import annotations
@@ -39,9 +48,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult
+from varlide.models.denoise import build_backbone
 from varlide.models.vgpm import LOW_BAND, VGPM
 from varlide.models.vicm import VICM
 
@@ -212,6 +221,9 @@ class VarlideLiteConfig:
     vgpm_width: int = 16  # Psi_p channels
     low_band: float = LOW_BAND  # VGPM keeps |f| < low_band (cycles/px) out, tapered to 2x
     hidden: int = 16  # Theta_v / Theta_b hidden units
+    backbone: str = "identity"  # the slot between VICM and VGPM: identity | denoise
+    denoise_window: float = 1.5  # denoise: Gaussian sigma (px) of the local statistics
+    denoise_strength: float = 1.0  # denoise: factor on the estimated noise
 
 
 def _autocast(device: torch.device, precision: str):
@@ -236,6 +248,7 @@ class VarlideLite(Pretrained, Enhancer):
         channels_last: bool | None = None,
         compile: bool = False,
         downscale: float | None = None,
+        backbone: str | None = None,
     ) -> None:
         super().__init__()
         self.config = config or VarlideLiteConfig()
@@ -244,14 +257,23 @@ class VarlideLite(Pretrained, Enhancer):
                          hidden=c.hidden)
         self.vgpm = (VGPM(steps=c.vgpm_steps, width=c.vgpm_width, low_band=c.low_band,
                           hidden=c.hidden) if c.vgpm else None)
-        self.backbone: nn.Module = nn.Identity()  # the VAR backbone's slot (varlide-var)
-        self.version = "untrained"
+        self.weights_version = "untrained"
         self.trained_prior = "analytic"
         self.trained_prior_model = None
         self.pretrained_info: dict[str, Any] = {}
         self.set_inference(skip_visibility=skip_visibility, full_blur=full_blur,
                            precision=precision, channels_last=channels_last, compile=compile,
-                           downscale=downscale)
+                           downscale=downscale, backbone=backbone)
+
+    @property
+    def version(self) -> str:
+        """The weights' sha256 prefix, plus the backbone's tag (``+denoise-...``) if any."""
+        tag = self.backbone.tag()
+        return f"{self.weights_version}+{tag}" if tag else self.weights_version
+
+    @version.setter
+    def version(self, value: str) -> None:
+        self.weights_version = value
 
     def set_inference(
         self,
@@ -261,8 +283,10 @@ class VarlideLite(Pretrained, Enhancer):
         channels_last: bool | None = None,
         compile: bool = False,
         downscale: float | None = None,
+        backbone: str | None = None,
     ) -> None:
-        """Inference-only settings (routing thresholds, precision ...); weights unchanged."""
+        """Inference-only settings (routing thresholds, precision, the backbone slot ...);
+        weights unchanged. ``backbone=None``: the one the config (the weights) names."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if skip_visibility is not None:
@@ -278,6 +302,9 @@ class VarlideLite(Pretrained, Enhancer):
         self.channels_last = channels_last
         self.use_compile = bool(compile)
         self.downscale = downscale
+        c = self.config
+        self.backbone = build_backbone(backbone or c.backbone, c.denoise_window,
+                                       c.denoise_strength)
         self._compiled: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- training forward
@@ -295,7 +322,7 @@ class VarlideLite(Pretrained, Enhancer):
         ``tau``, ``weights``, ``n_iter``, ``phase`` (VGPM's refined phase or None) and
         ``strength`` (s(b) or None)."""
         r = self.vicm(x, v, mask=mask, temperature=temperature, downscale=downscale)
-        y = self.backbone(r["image"])
+        y = self.backbone(r["image"], x)
         out: dict[str, torch.Tensor | None] = {
             "curve_image": r["image"], "maps": r["maps"], "tau": r["tau"],
             "weights": r["weights"], "n_iter": r["n_iter"], "phase": None, "strength": None,
@@ -323,11 +350,11 @@ class VarlideLite(Pretrained, Enhancer):
 
     def _curve(self, x: torch.Tensor, v: torch.Tensor):
         r = self.vicm(x, v, mask="hard", downscale=self.downscale)
-        return r["image"], r["n_iter"]
+        return self.backbone(r["image"], x), r["n_iter"]
 
     def _full(self, x: torch.Tensor, v: torch.Tensor, b: torch.Tensor):
         img, n = self._curve(x, v)
-        g = self.vgpm(self.backbone(img), b)
+        g = self.vgpm(img, b)
         return g["image"], n, g["strength"]
 
     def _fn(self, key: str):
