@@ -97,9 +97,11 @@ def stage_fns(lite, device: torch.device, k: float):
     }
 
 
-def enhancer_fn(lite, k: float | None, precision: str, channels_last: bool, compile: bool):
+def enhancer_fn(lite, k: float | None, precision: str, channels_last: bool, compile: bool,
+                backbone: str | None = None):
     lite.set_inference(skip_visibility=None, full_blur=0.0, precision=precision,
-                       channels_last=channels_last, compile=compile, downscale=k)
+                       channels_last=channels_last, compile=compile, downscale=k,
+                       backbone=backbone)
 
     def fn(x, v, b, bf16):
         return lite.enhance(x, v, b).images
@@ -118,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
     p.add_argument("--weights", default=None, help="a varlide-lite weights folder")
     p.add_argument("--stages", default="all", help="comma list of stage names, or all")
+    p.add_argument("--backbone", choices=("identity", "denoise"), default=None,
+                   help="varlide-lite's backbone slot (default: the weights' own; random "
+                   "weights: denoise)")
     args = p.parse_args(argv)
     w, h = (int(t) for t in args.size.lower().split("x"))
     if args.device == "auto":
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 if cl:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if name.startswith("varlide-lite"):
-                    run = enhancer_fn(lite, k, "bf16" if bf16 else "fp32", cl, comp)
+                    run = enhancer_fn(lite, k, "bf16" if bf16 else "fp32", cl, comp,
+                                      args.backbone)
                 else:
                     if cl:
                         lite.to(memory_format=torch.channels_last)
@@ -177,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         # correctness: bf16 (+ channels_last) vs fp32, whole enhancer
         with torch.inference_mode():
             x, v, b = x_all[:2], v_all[:2], b_all[:2]
-            ref = enhancer_fn(lite, None, "fp32", False, False)(x, v, b, False)
-            low = enhancer_fn(lite, None, "bf16", True, False)(
+            ref = enhancer_fn(lite, None, "fp32", False, False, args.backbone)(x, v, b, False)
+            low = enhancer_fn(lite, None, "bf16", True, False, args.backbone)(
                 x.contiguous(memory_format=torch.channels_last), v, b, True)
             diff = (low.float() - ref.float()).abs()
             ok = diff.mean().item() < 2 / 255 and diff.max().item() < 0.1

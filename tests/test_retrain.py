@@ -120,6 +120,14 @@ def test_finetune_config_continues_the_champion(tmp_path):
     f = promotion.finetune_config(w, {"steps": 3})
     assert f["model"]["width"] == 4 and f["init_from"] == w and f["steps"] == 3
     assert f["enhancer"] == "varlide-lite" and f["prior"] == "analytic"
+    assert f["model"]["backbone"] == "identity" and f["final_backbone"] == "identity"
+    # the shipped champion: trained with the slot empty, run with the denoiser -> the
+    # candidate trains the same way and keeps the denoiser in its final config
+    from varlide.models.varlide_lite import default_weights_dir
+
+    f = promotion.finetune_config(str(default_weights_dir("varlide-lite")), {"steps": 3})
+    assert f["model"]["backbone"] == "identity" and f["final_backbone"] == "denoise"
+    assert f["model"]["vgpm"] is False
 
 
 def test_gate_scores_the_models_not_the_router():

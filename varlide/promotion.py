@@ -238,18 +238,26 @@ def _load(model, device: str):
 def finetune_config(champion_dir: str, overrides: dict[str, Any] | None = None
                     ) -> dict[str, Any]:
     """TrainConfig fields that continue training the champion: its enhancer, architecture
-    and trained prior, ``init_from`` its weights; ``overrides`` (steps, crop ...) on top."""
+    and trained prior, ``init_from`` its weights; ``overrides`` (steps, crop ...) on top.
+    varlide-lite: the backbone slot during training is the one the champion was trained
+    with (its training record; empty if none), the final weights name the champion's."""
     import json
 
     from varlide.storage.uri import filesystem, join
 
     fs, p = filesystem(join(champion_dir, "config.json"))
     meta = json.loads(fs.cat_file(p))
-    fields: dict[str, Any] = {
-        "enhancer": meta["enhancer"], "model": meta.get("model", {}),
+    model = dict(meta.get("model", {}))
+    fields: dict[str, Any] = {"enhancer": meta["enhancer"]}
+    if meta["enhancer"] == "varlide-lite":  # train the curve as the champion's was trained
+        trained = meta.get("training", {}).get("config", {}).get("model", {})
+        fields["final_backbone"] = model.get("backbone", "identity")
+        model["backbone"] = trained.get("backbone", "identity")
+    fields.update({
+        "model": model,
         "loss": "zero-dce" if meta["enhancer"] == "zero-dce" else "varlide",
         "prior": meta.get("trained_prior") or "analytic",
-    }
+    })
     fields.update(overrides or {})
     fields["init_from"] = champion_dir
     return fields

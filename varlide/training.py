@@ -76,7 +76,7 @@ BRIGHTNESS_BINS = (("dark", 0.0, 0.25), ("mid", 0.25, 0.5), ("bright", 0.5, 1.01
 # Fields that may differ between a run and its resume (execution, schedule length, logging).
 RESUMABLE_FIELDS = frozenset({
     "steps", "checkpoint_every", "keep_checkpoints", "val_every", "log_every", "device",
-    "threads", "prefetch",
+    "threads", "prefetch", "final_backbone",
 })
 
 
@@ -119,6 +119,11 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads (None = torch's default)
     prefetch: int = 3
     init_from: str | None = None  # a from_pretrained folder/URI loaded before step 0
+    # varlide-lite: the backbone slot the final weights name (None: the one trained with,
+    # ``model.backbone``, empty by default). The shipped weights were trained with the slot
+    # empty and run with the denoiser after the curve; this default makes trained weights
+    # run the same way.
+    final_backbone: str | None = "denoise"
 
     def __post_init__(self) -> None:
         self.scale = tuple(self.scale)
@@ -127,6 +132,9 @@ class TrainConfig:
             raise ValueError(f"enhancer: 'varlide-lite' or 'zero-dce', got {self.enhancer!r}")
         if self.loss not in ("varlide", "zero-dce"):
             raise ValueError(f"loss: 'varlide' or 'zero-dce', got {self.loss!r}")
+        if self.final_backbone not in (None, "identity", "denoise"):
+            raise ValueError(f"final_backbone: None, 'identity' or 'denoise', got "
+                             f"{self.final_backbone!r}")
         for name in ("steps", "batch_size", "crop", "checkpoint_every", "log_every",
                      "val_every", "val_crop", "keep_checkpoints", "prefetch"):
             if getattr(self, name) < 1:
@@ -714,6 +722,8 @@ def train(
     extra["training"].update(steps=cfg.steps, resumed_from=resumed_from,
                              val=last_val, seconds_this_call=round(seconds, 1))
     model.eval()
+    if cfg.final_backbone and hasattr(model, "set_backbone"):  # varlide-lite
+        model.set_backbone(cfg.final_backbone)
     version = model.save_pretrained(final_uri, extra=extra)
     fs, p = filesystem(join(out_dir, "curves.json"))
     fs.pipe_file(p, json.dumps({"train": curves, "val": val_curves}, indent=1).encode())

@@ -275,6 +275,13 @@ class VarlideLite(Pretrained, Enhancer):
     def version(self, value: str) -> None:
         self.weights_version = value
 
+    def set_backbone(self, name: str) -> None:
+        """Put ``name`` in the backbone slot and record it in the config (what
+        ``save_pretrained`` writes); the weights are unchanged (the slot has no parameters)."""
+        c = dataclasses.replace(self.config, backbone=name)
+        self.backbone = build_backbone(name, c.denoise_window, c.denoise_strength)
+        self.config = c
+
     def set_inference(
         self,
         skip_visibility: tuple[float, float] | None = SKIP_VISIBILITY,
