@@ -254,11 +254,24 @@ class _Filtered:
         return r
 
 
+def _report(per, sets, out: str | None, name: str) -> None:
+    """Print the summary table; with ``out``, write OUT/<name>_per_image.csv and <name>.md."""
+    from varlide.evaluation import format_table, summarize
+
+    table = format_table(summarize(per, sets=sets))
+    print(table)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        per.to_csv(os.path.join(out, f"{name}_per_image.csv"), index=False)
+        with open(os.path.join(out, f"{name}.md"), "w") as f:
+            f.write(table)
+
+
 def cmd_denoise(args) -> None:
     """Which filter fills the backbone slot: the shipped curve (backbone forced to identity)
     followed by each candidate; paired psnr/ssim, and brightness/sharpness/piqe on real frames
     (what a filter must not destroy)."""
-    from varlide.evaluation import format_table, measure, summarize
+    from varlide.evaluation import measure
     from varlide.models.base import create_enhancer
 
     t0 = time.time()
@@ -268,13 +281,7 @@ def cmd_denoise(args) -> None:
     enh = {name: _Filtered(curve, fn) for name, fn in _filter_variants().items()}
     per = measure(enh, sets, batch_size=8, paired_metrics=("psnr", "ssim"),
                   unpaired_metrics=("brightness", "sharpness", "piqe"))
-    table = format_table(summarize(per, sets=sets))
-    print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        per.to_csv(os.path.join(args.out, "denoise_per_image.csv"), index=False)
-        with open(os.path.join(args.out, "denoise.md"), "w") as f:
-            f.write(table)
+    _report(per, sets, args.out, "denoise")
     print(f"denoise ablation took {time.time() - t0:.0f} s", flush=True)
 
 
@@ -284,7 +291,7 @@ def cmd_downscale(args) -> None:
     Quality cost against k = 1 (same weights) on the paired sets (psnr, ssim) and on
     dev-lowlight at its stored size (brightness, and psnr of the /k output against the k = 1
     output); speed is measured by ``benchmarks/enhancer.py`` (curve net /k rows)."""
-    from varlide.evaluation import format_table, measure, summarize
+    from varlide.evaluation import measure
     from varlide.models.base import create_enhancer
 
     sets, _ = build_sets(args.data_root, args.max_images, args.seeds, None)
@@ -296,14 +303,7 @@ def cmd_downscale(args) -> None:
            for k in args.factors}
     per = measure(enh, sets, batch_size=4, paired_metrics=("psnr", "ssim"),
                   unpaired_metrics=("brightness",))
-    df = summarize(per, sets=sets)
-    table = format_table(df)
-    print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        per.to_csv(os.path.join(args.out, "downscale_per_image.csv"), index=False)
-        with open(os.path.join(args.out, "downscale.md"), "w") as f:
-            f.write(table)
+    _report(per, sets, args.out, "downscale")
 
 
 def main(argv=None) -> None:
