@@ -281,6 +281,7 @@ class VarlideLite(Pretrained, Enhancer):
         c = dataclasses.replace(self.config, backbone=name)
         self.backbone = build_backbone(name, c.denoise_window, c.denoise_strength)
         self.config = c
+        self._compiled = {}  # compiled routes captured the old slot
 
     def set_inference(
         self,
