@@ -51,3 +51,19 @@ def test_enhancer_options_change_the_run_id():
     routed = Config(enhancer_options={"full_blur": 0.2})
     assert routed.run_id_for("/d") != Config().run_id_for("/d")
     assert routed.output_config()["enhancer_options"] == {"full_blur": 0.2}
+
+
+def test_shipped_weights_are_part_of_a_default_run_id(monkeypatch):
+    """An upgrade that changes the shipped weights (or their backbone slot) starts a new run
+    rather than resuming into rows the old weights wrote; explicit weights do not need it."""
+    from varlide import config as config_mod
+
+    assert config_mod.shipped_weights_id("varlide-lite") is not None
+    assert config_mod.shipped_weights_id("classic-curve") is None
+    before = Config().run_id_for("/d")
+    pinned = Config(enhancer_weights="/w").run_id_for("/d")
+    no_enhance = Config(enhance=False).run_id_for("/d")
+    monkeypatch.setattr(config_mod, "shipped_weights_id", lambda name: "0123456789ab")
+    assert Config().run_id_for("/d") != before
+    assert Config(enhancer_weights="/w").run_id_for("/d") == pinned
+    assert Config(enhance=False).run_id_for("/d") == no_enhance

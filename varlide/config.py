@@ -11,6 +11,7 @@ re-running the same command resumes the same run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -161,12 +162,19 @@ class Config(BaseModel):
         return {name: data[name] for name in self.output_fields}
 
     def run_id_for(self, input_uri: str) -> str:
-        """Deterministic run id: same input and output-changing config -> same id (resume)."""
+        """Deterministic run id: same input and output-changing config -> same id (resume).
+
+        A run on an enhancer's shipped weights (no ``enhancer_weights``) also hashes those
+        weights' ``config.json`` (weights sha256, architecture, backbone slot), so an upgrade
+        that changes them starts a new run instead of resuming into rows of the old ones."""
         if self.run_id:
             return self.run_id
-        payload = json.dumps(
-            {"input": input_uri.rstrip("/"), "config": self.output_config()}, sort_keys=True
-        )
+        body: dict[str, Any] = {"input": input_uri.rstrip("/"), "config": self.output_config()}
+        shipped = shipped_weights_id(self.enhancer) if (
+            self.enhance and self.enhancer_weights is None) else None
+        if shipped:
+            body["shipped_weights"] = shipped
+        payload = json.dumps(body, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     def dataset_for(self, input_uri: str) -> str:
@@ -182,6 +190,16 @@ class Config(BaseModel):
         if self.reference:
             names += [m for m in self.reference_metrics if m not in names]
         return tuple(names)
+
+
+@functools.lru_cache(maxsize=16)
+def shipped_weights_id(enhancer: str) -> str | None:
+    """sha256 prefix of the packaged ``varlide/weights/<enhancer>/config.json``; None when the
+    enhancer ships no weights (``classic-curve``)."""
+    path = Path(__file__).resolve().parent / "weights" / enhancer / "config.json"
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
