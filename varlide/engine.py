@@ -47,6 +47,7 @@ from varlide.imaging.decode import DecodedImage, DecodeError, decode_image
 from varlide.imaging.encode import encode_image
 from varlide.iqa.base import Metric, create_metric
 from varlide.iqa.measure import measure
+from varlide.memory import default_budget, format_size, image_cost, workspace_for
 from varlide.models.base import Enhancer, create_enhancer
 from varlide.priors.base import Prior
 from varlide.priors.calibration import prior_for_run
@@ -184,6 +185,11 @@ class Loaded:
     row: dict[str, Any]
     image: DecodedImage | None = None
     reference: np.ndarray | None = None
+    cost: int = 0  # bytes held in the shard's memory budget (``varlide.memory.image_cost``)
+
+    def waiting_bytes(self) -> int:
+        ref = 0 if self.reference is None else self.reference.nbytes
+        return (0 if self.image is None else self.image.pixels.nbytes) + ref
 
 
 def _read_and_decode(job: ShardJob, cfg: Config, file: PlannedFile) -> Loaded:
@@ -212,7 +218,9 @@ def _read_and_decode(job: ShardJob, cfg: Config, file: PlannedFile) -> Loaded:
         row.update(status="error", error=file.out_error)
         return loaded
     try:
-        image = decode_image(data, apply_exif=cfg.apply_exif, max_pixels=cfg.max_pixels)
+        image = decode_image(data, apply_exif=cfg.apply_exif, max_pixels=cfg.max_pixels,
+                             keep_uint8=True)
+        del data
     except DecodeError as exc:
         row.update(status="error", error=str(exc))
         return loaded
@@ -232,7 +240,7 @@ def _load_reference(cfg: Config, rel_path: str, image: DecodedImage) -> np.ndarr
     try:
         fs, path = filesystem(join(cfg.reference, rel_path))
         ref = decode_image(fs.cat_file(path), apply_exif=cfg.apply_exif,
-                           max_pixels=cfg.max_pixels)
+                           max_pixels=cfg.max_pixels, keep_uint8=True)
     except (FileNotFoundError, DecodeError, OSError) as exc:
         log.warning("reference for %s unusable: %s", rel_path, exc)
         return None
@@ -243,27 +251,28 @@ def _load_reference(cfg: Config, rel_path: str, image: DecodedImage) -> np.ndarr
     return ref.pixels
 
 
-def _decoded_stream(job: ShardJob, cfg: Config, pool: ThreadPoolExecutor,
-                    window: int) -> Iterator[Loaded]:
-    """Read + decode ahead in ``pool``, at most ``window`` images in flight, input order."""
-    files = list(job.shard.files)
-    pending: list[Future[Loaded]] = []
-    next_index = 0
-    while next_index < len(files) or pending:
-        while next_index < len(files) and len(pending) < window:
-            pending.append(pool.submit(_read_and_decode, job, cfg, files[next_index]))
-            next_index += 1
-        yield pending.pop(0).result()
-
-
 # --------------------------------------------------------------------------- compute
 
 
 def _to_batch(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """``(B, 3, H, W)`` float32 in [0, 1] on ``device`` from decoded HWC arrays (uint8 are
+    divided by 255 after the upload: the values ``decode_image`` gives as float32)."""
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     if device.type == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)
-    return batch.contiguous()
+    if batch.dtype == torch.uint8:
+        return batch.to(torch.float32).div_(255.0).contiguous()
+    return batch.float().contiguous()
+
+
+def _to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """``(B, 3, H, W)`` float -> ``(B, H, W, 3)`` uint8 numpy, exactly as
+    ``varlide.imaging.encode.to_uint8`` rounds (x 255, + 0.5, NaN -> 0, clip, truncate)."""
+    out = np.empty((images.shape[0], *images.shape[2:], 3), dtype=np.uint8)
+    for i, image in enumerate(images):  # one image's temporaries at a time
+        x = image.float().mul(255.0).add_(0.5).nan_to_num_(0.0).clamp_(0.0, 255.0)
+        out[i] = x.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -271,8 +280,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run_batch(batch: list[Loaded], stages: Stages, cfg: Config) -> list[np.ndarray | None]:
-    """Prior, enhancer and measures for images of one size; fills rows, returns outputs."""
+def _run_batch(batch: list[Loaded], stages: Stages, cfg: Config,
+               workspace: int | None = None) -> list[np.ndarray | None]:
+    """Prior, enhancer and measures for images of one size; fills rows, returns outputs
+    (uint8 HWC, what the writer encodes). ``workspace``: bytes a measure's call may take."""
     device = stages.device
     n = len(batch)
     images = _to_batch([item.image.pixels for item in batch], device)
@@ -288,8 +299,8 @@ def _run_batch(batch: list[Loaded], stages: Stages, cfg: Config) -> list[np.ndar
                 result = stages.enhancer.enhance(images, scores.visibility, scores.blur)
                 _sync(device)
             t2 = time.perf_counter()
-            outputs = None if result is None else result.images.clamp(0, 1)
-            quality = _quality(batch, images, outputs, stages, cfg)
+            outputs = None if result is None else result.images.clamp_(0, 1)  # in place
+            quality = _quality(batch, images, outputs, stages, cfg, workspace)
             t3 = time.perf_counter()
     except Exception as exc:
         raise StageError(f"stage failed on a batch of {n} ({batch[0].file.rel_path} ...): "
@@ -312,19 +323,20 @@ def _run_batch(batch: list[Loaded], stages: Stages, cfg: Config) -> list[np.ndar
                    route=result.route[i],
                    n_iter=None if n_iter is None else int(n_iter[i]),
                    phase_strength=None if strength is None else float(strength[i]))
-    pixels = outputs.permute(0, 2, 3, 1).float().cpu().numpy()
-    return list(pixels)
+    return list(_to_uint8_hwc(outputs))
 
 
 def _quality(batch: list[Loaded], images: torch.Tensor, outputs: torch.Tensor | None,
-             stages: Stages, cfg: Config) -> list[dict[str, float | None]]:
+             stages: Stages, cfg: Config,
+             workspace: int | None = None) -> list[dict[str, float | None]]:
     n = len(batch)
     per_row: list[dict[str, float | None]] = [{} for _ in range(n)]
     for name, metric in stages.metrics.items():
         for side, tensor in (("in", images), ("out", outputs)):
             if tensor is None:
                 continue
-            for i, value in enumerate(measure(metric, tensor, cfg.iqa_max_side)):
+            for i, value in enumerate(measure(metric, tensor, cfg.iqa_max_side,
+                                              workspace=workspace)):
                 per_row[i][f"q_{name}_{side}"] = value
     if stages.reference_metrics:
         have = [i for i, item in enumerate(batch) if item.reference is not None]
@@ -337,7 +349,7 @@ def _quality(batch: list[Loaded], images: torch.Tensor, outputs: torch.Tensor | 
                         continue
                     if idx is not None:  # only the images that have a reference
                         tensor = tensor.index_select(0, idx)
-                    values = measure(metric, tensor, cfg.iqa_max_side, ref)
+                    values = measure(metric, tensor, cfg.iqa_max_side, ref, workspace)
                     for i, value in zip(have, values, strict=True):
                         per_row[i][f"q_{name}_{side}"] = value
     return per_row
@@ -451,17 +463,64 @@ def process_shard(job: ShardJob, progress: ProgressCallback | None = None) -> Sh
         return _process_shard(job, cfg, stages, lanes, progress)
 
 
+class _Ledger:
+    """Bytes the shard's images hold now; released from writer threads, read by the main
+    thread (which alone admits new work, so no admission can race another)."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._cond = threading.Condition()
+
+    def reserve(self, n: int) -> None:
+        with self._cond:
+            self.held += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.held -= n
+            self._cond.notify_all()
+
+    def wait_release(self, timeout: float = 0.5) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+
+def shard_budget(cfg: Config) -> int:
+    """Bytes one shard in flight may hold: ``memory_budget`` or the machine's default."""
+    return cfg.memory_budget or default_budget(cfg.workers)
+
+
+def _too_big(item: Loaded, cost: int, room: int) -> None:
+    h, w = item.image.height, item.image.width
+    item.row.update(status="error", error=(
+        f"too large for the memory budget: {w}x{h} needs ~{format_size(cost)} at once, "
+        f"{format_size(room)} available to images (raise memory_budget / --memory-budget, "
+        "or lower max_pixels)"))
+    item.image = item.reference = None
+
+
 def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
                    progress: ProgressCallback | None) -> ShardResult:
+    """Decode ahead, batch by size, compute in ``lanes``, write behind: every image is
+    admitted only while the bytes held stay inside the shard's memory budget."""
     store = RunStore(job.output_uri, job.run_id)
     metric_names = cfg.quality_metric_names()
     started = time.perf_counter()
     worker, device = worker_name(), str(stages.device)
+    budget = shard_budget(cfg)
+    workspace = workspace_for(budget)
+    room = max(workspace, budget - lanes * workspace)  # for images; the rest is stage work
+    if stages.enhancer is not None:
+        stages.enhancer.set_workspace(workspace)
+    ledger = _Ledger()
     rows: list[dict[str, Any]] = []
     buckets: dict[tuple[int, int], list[Loaded]] = defaultdict(list)
     window = max(cfg.batch_size * 2, cfg.decode_threads * 2)
+    files = list(job.shard.files)
+    pending: deque[Future[Loaded]] = deque()
     write_jobs: list[Future] = []
     computing: deque[tuple[list[Loaded], Future]] = deque()  # at most ``lanes`` batches
+    largest = 0  # bytes of the costliest image decoded so far: the guess for the next
 
     def finish(items: list[Loaded]) -> None:
         errors = sum(item.row["status"] == "error" for item in items)
@@ -474,37 +533,84 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
     def collect() -> None:
         """Wait for the oldest batch in compute; queue its writes; count it done."""
         batch, fut = computing.popleft()
-        outputs = fut.result()  # a StageError fails the shard
+        try:
+            outputs = fut.result()  # a StageError fails the shard
+        finally:
+            for item in batch:
+                item.image = item.reference = None  # free memory early
         for item, pixels in zip(batch, outputs, strict=True):
-            item.image = item.reference = None  # free memory early
+            kept = 0 if pixels is None else pixels.nbytes
+            ledger.release(item.cost - kept)
             if pixels is not None:
-                write_jobs.append(io_pool.submit(_write_enhanced, store, item, pixels,
-                                                 cfg.quality))
+                job_ = io_pool.submit(_write_enhanced, store, item, pixels, cfg.quality)
+                job_.add_done_callback(lambda _f, n=kept: ledger.release(n))
+                write_jobs.append(job_)
         finish(batch)
 
     def flush(key: tuple[int, int]) -> None:
         batch = buckets.pop(key)
         if compute_pool is None:
-            computing.append((batch, _done_future(_run_batch, batch, stages, cfg)))
+            computing.append((batch, _done_future(_run_batch, batch, stages, cfg, workspace)))
         else:
-            computing.append((batch, compute_pool.submit(_run_batch, batch, stages, cfg)))
+            computing.append((batch, compute_pool.submit(_run_batch, batch, stages, cfg,
+                                                         workspace)))
         while len(computing) >= lanes:
             collect()
 
+    def make_room() -> None:
+        """Free bytes: compute what waits in buckets, else finish a batch, else a write."""
+        if buckets:
+            flush(max(buckets, key=lambda k: sum(i.cost for i in buckets[k])))
+        elif computing:
+            collect()
+        else:
+            ledger.wait_release()
+
+    def top_up() -> None:
+        """Start reading + decoding more files while their guessed bytes fit the budget."""
+        nonlocal next_index
+        while next_index < len(files) and len(pending) < window:
+            if pending and (not largest or ledger.held + (len(pending) + 1) * largest > room):
+                return  # the first image's size is unknown until it is decoded
+            pending.append(io_pool.submit(_read_and_decode, job, cfg, files[next_index]))
+            next_index += 1
+
+    def admit(item: Loaded) -> None:
+        nonlocal largest
+        h, w = item.image.height, item.image.width
+        cost = image_cost(h, w, item.waiting_bytes(), item.reference is not None)
+        largest = max(largest, cost)
+        if cost > room:
+            _too_big(item, cost, room)
+            finish([item])
+            return
+        while ledger.held + cost > room and (buckets or computing or ledger.held > 0):
+            make_room()
+        item.cost = cost
+        ledger.reserve(cost)
+        key = (h, w)
+        buckets[key].append(item)
+        bucket_bytes = sum(i.cost for i in buckets[key])
+        if len(buckets[key]) >= cfg.batch_size or bucket_bytes * (lanes + 1) >= room:
+            flush(key)
+        elif sum(len(b) for b in buckets.values()) >= window:
+            flush(max(buckets, key=lambda k: len(buckets[k])))  # bound the images waiting
+
+    next_index = 0
     compute_pool = (ThreadPoolExecutor(lanes, thread_name_prefix="compute")
                     if lanes > 1 else None)
     try:
         with ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode") as io_pool:
-            for item in _decoded_stream(job, cfg, io_pool, window):
+            while pending or next_index < len(files):
+                top_up()
+                if not pending:  # nothing may start: the budget is full
+                    make_room()
+                    continue
+                item = pending.popleft().result()
                 if item.image is None:
                     finish([item])
-                    continue
-                key = (item.image.height, item.image.width)
-                buckets[key].append(item)
-                if len(buckets[key]) >= cfg.batch_size:
-                    flush(key)
-                elif sum(len(b) for b in buckets.values()) >= window:
-                    flush(max(buckets, key=lambda k: len(buckets[k])))  # bound memory
+                else:
+                    admit(item)
             for key in list(buckets):
                 flush(key)
             while computing:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DecodeError", "DecodedImage", "decode_image"]
+__all__ = ["DecodeError", "DecodedImage", "decode_image", "pixels_as_float"]
 
 # Our own ``max_pixels`` guard replaces Pillow's warning tier (89.5 Mpx by default, below our
 # default limit of 120 Mpx). ``warnings.catch_warnings`` per call is not thread safe, so the
@@ -68,7 +68,7 @@ class DecodeError(ValueError):
 
 @dataclass
 class DecodedImage:
-    pixels: np.ndarray  # (H, W, 3) float32 in [0, 1], C-contiguous
+    pixels: np.ndarray  # (H, W, 3) float32 in [0, 1] (or uint8 0-255: keep_uint8), C-contiguous
     width: int
     height: int
     exif_applied: bool  # True only when apply_exif and an orientation != 1 was applied
@@ -169,12 +169,16 @@ def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
     return out
 
 
-def _to_float_rgb(im: Image.Image) -> np.ndarray:
+def _to_float_rgb(im: Image.Image, keep_uint8: bool = False) -> np.ndarray:
     mode = im.mode
+    as_float = (lambda a: a) if keep_uint8 else _u8_to_float
     if mode == "RGB":
-        return _u8_to_float(np.asarray(im))
+        return as_float(np.asarray(im))
     if mode in ("L", "1"):
-        return _grey_to_rgb(_u8_to_float(np.asarray(im.convert("L") if mode == "1" else im)))
+        grey = np.asarray(im.convert("L") if mode == "1" else im)
+        if keep_uint8:
+            return np.repeat(grey[..., None], 3, axis=2)
+        return _grey_to_rgb(_u8_to_float(grey))
     if mode in _SIXTEEN_BIT:
         grey = np.asarray(im).astype(np.float32)
         grey *= np.float32(1.0 / 65535.0)
@@ -196,17 +200,22 @@ def _to_float_rgb(im: Image.Image) -> np.ndarray:
         rgb = im.convert("RGB")
     except (ValueError, OSError) as exc:
         raise DecodeError(f"unsupported pixel mode: {mode} ({exc})") from None
-    return _u8_to_float(np.asarray(rgb))
+    return as_float(np.asarray(rgb))
 
 
 def decode_image(
-    data: bytes, *, apply_exif: bool = False, max_pixels: int = 120_000_000
+    data: bytes, *, apply_exif: bool = False, max_pixels: int = 120_000_000,
+    keep_uint8: bool = False,
 ) -> DecodedImage:
-    """Decode image bytes to RGB float32 in [0, 1] (see the module docstring for the rules)."""
+    """Decode image bytes to RGB float32 in [0, 1] (see the module docstring for the rules).
+
+    ``keep_uint8``: 8-bit images stay ``uint8`` (H, W, 3), a quarter of the memory while
+    they wait for a batch (``pixels_as_float`` gives the float32 values exactly); 16-bit,
+    float and alpha images are float32 either way."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
-        return _decode(bytes(data), apply_exif, max_pixels)
+        return _decode(bytes(data), apply_exif, max_pixels, keep_uint8)
     except DecodeError:
         raise
     except MemoryError:
@@ -215,7 +224,8 @@ def decode_image(
         raise DecodeError(f"corrupt image: {type(exc).__name__}: {exc}") from None
 
 
-def _decode(data: bytes, apply_exif: bool, max_pixels: int) -> DecodedImage:
+def _decode(data: bytes, apply_exif: bool, max_pixels: int,
+            keep_uint8: bool = False) -> DecodedImage:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -248,10 +258,15 @@ def _decode(data: bytes, apply_exif: bool, max_pixels: int) -> DecodedImage:
             if orientation in (2, 3, 4, 5, 6, 7, 8):
                 out_im = ImageOps.exif_transpose(im)
                 exif_applied = True
-        pixels = _to_float_rgb(out_im)
+        pixels = _to_float_rgb(out_im, keep_uint8)
 
     if not pixels.flags.c_contiguous:
         pixels = np.ascontiguousarray(pixels)
     h, w = pixels.shape[:2]
     return DecodedImage(pixels=pixels, width=w, height=h, exif_applied=exif_applied, mode=mode)
 
+
+
+def pixels_as_float(pixels: np.ndarray) -> np.ndarray:
+    """float32 in [0, 1] of decoded pixels of either dtype (uint8: ``/ 255``, as decoding)."""
+    return pixels if pixels.dtype == np.float32 else _u8_to_float(pixels)

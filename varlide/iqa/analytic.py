@@ -34,6 +34,8 @@ OVEREXPOSED_LUMA = 0.98
 
 
 class AnalyticMetric(Metric):
+    bytes_per_pixel = 64  # float32 luma + its float64 copy, a Laplacian map (sharpness)
+
     def __init__(
         self,
         info: MetricInfo,

@@ -39,6 +39,10 @@ class Metric:
     """
 
     info: MetricInfo
+    # Peak working bytes per pixel of one call (measured, ``benchmarks/memory.py``): the
+    # engine calls a measure on sub-batches that fit its workspace (``measure``). pyiqa's
+    # own implementations are costly (its PIQE ~390 B/px); ours override it.
+    bytes_per_pixel: int = 400
 
     def __call__(
         self, images: torch.Tensor, reference: torch.Tensor | None = None

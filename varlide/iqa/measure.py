@@ -101,8 +101,26 @@ def measure_strips(metric: Metric, images: torch.Tensor, reference: torch.Tensor
 
 
 def measure(metric: Metric, images: torch.Tensor, max_side: int | None = None,
-            reference: torch.Tensor | None = None) -> list[float | None]:
-    """Scores of ``images`` ``(B, 3, H, W)`` in [0, 1] (None where not finite)."""
+            reference: torch.Tensor | None = None,
+            workspace: int | None = None) -> list[float | None]:
+    """Scores of ``images`` ``(B, 3, H, W)`` in [0, 1] (None where not finite).
+
+    ``workspace``: bytes one call's working tensors may take; the batch is measured in
+    sub-batches of as many images as fit (at least one; a measure is per image, so the
+    values are those of one whole-batch call)."""
+    per_image = images[0].numel() // 3 * getattr(metric, "bytes_per_pixel", 400)
+    step = len(images) if not workspace else max(1, int(workspace // max(1, per_image)))
+    if step >= len(images):
+        return _measure(metric, images, max_side, reference)
+    out: list[float | None] = []
+    for i in range(0, len(images), step):
+        ref = None if reference is None else reference[i:i + step]
+        out += _measure(metric, images[i:i + step], max_side, ref)
+    return out
+
+
+def _measure(metric: Metric, images: torch.Tensor, max_side: int | None,
+             reference: torch.Tensor | None) -> list[float | None]:
     if metric.info.source == "pyiqa":  # learned / pyiqa measures see the capped size
         images = downscale(images, max_side)
         reference = None if reference is None else downscale(reference, max_side)

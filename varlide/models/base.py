@@ -33,6 +33,13 @@ class Enhancer(nn.Module):
     # Prior backend (and model) whose v/b scale the weights were trained on; None = any.
     trained_prior: str | None = None
     trained_prior_model: str | None = None
+    # Bytes the working tensors of one full-resolution step may take (the run's memory
+    # budget sets it; None: whole frames at once). Enhancers whose stages are local run in
+    # row bands of this size (varlide.models.tiling); outputs do not depend on it.
+    workspace: int | None = None
+
+    def set_workspace(self, nbytes: int | None) -> None:
+        self.workspace = int(nbytes) if nbytes else None
 
     @torch.no_grad()
     def enhance(

@@ -26,12 +26,23 @@ field); :class:`CurveNet` takes it as a constructor argument and a per-call over
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varlide.models.tiling import band_rows, bands, bilinear_rows, map_bands, with_halo
+
 N_MAPS = 8
 WIDTH = 32
+HALO = 7  # seven stacked 3x3 convolutions: an output pixel sees 7 rows either side
+# Peak bytes per input pixel of ``CurveNet.estimate`` (fp32, width 32; feature maps, skip
+# concatenations and the convolution workspace), and of the full-resolution work per pixel
+# once the maps exist (upsampled maps, the curve, a denoiser): measured with
+# ``benchmarks/memory.py`` on 1280x720 (the whole-frame peak over the frame's pixels).
+ESTIMATE_BYTES_PER_PIXEL = 1600
+APPLY_BYTES_PER_PIXEL = 240
 
 
 class CurveNet(nn.Module):
@@ -86,16 +97,115 @@ def apply_curves(
     """Iterate the curve with maps ``(B, 3N, H, W)`` and per-image masks ``weights`` (B, N).
 
     Computed in float32 (maps from a bf16 autocast region are upcast), returned as float32.
-    ``weights=None`` applies all N iterations.
+    ``weights=None`` applies all N iterations. ``maps`` may hold fewer than N triples when
+    the iterations past them have weight 0 for every image (``used_iterations``).
+    Without autograd the same products are formed in two scratch buffers (no allocation
+    per iteration: 8 iterations at 720p were ~40 full-frame temporaries).
     """
-    e = x.float()
-    a = maps.float()
-    n = a.shape[1] // 3
-    if a.shape[1] != 3 * n or x.shape[1] != 3:
-        raise ValueError(f"expected 3-channel images and 3N maps, got {x.shape} and {a.shape}")
+    n = maps.shape[1] // 3
+    if maps.shape[1] != 3 * n or x.shape[1] != 3:
+        raise ValueError(f"expected 3-channel images and 3N maps, got {x.shape} and "
+                         f"{maps.shape}")
+    if torch.is_grad_enabled() and (x.requires_grad or maps.requires_grad or (
+            weights is not None and weights.requires_grad)):
+        return _apply_curves_autograd(x.float(), maps.float(), weights)
+    e = x.float().clone()
+    term, rest = torch.empty_like(e), torch.empty_like(e)
     for i in range(n):
+        a_i = maps[:, 3 * i : 3 * i + 3].float()
+        if weights is not None:
+            torch.mul(a_i, weights[:, i].to(a_i.dtype).view(-1, 1, 1, 1), out=term)
+            term.mul_(e)
+        else:
+            torch.mul(a_i, e, out=term)
+        torch.sub(1, e, out=rest)
+        e.add_(term.mul_(rest))  # e + (w A) e (1 - e), the same products in the same order
+    return e
+
+
+def _apply_curves_autograd(x: torch.Tensor, a: torch.Tensor,
+                           weights: torch.Tensor | None) -> torch.Tensor:
+    e = x
+    for i in range(a.shape[1] // 3):
         a_i = a[:, 3 * i : 3 * i + 3]
         if weights is not None:
             a_i = a_i * weights[:, i].to(a_i.dtype).view(-1, 1, 1, 1)
         e = e + a_i * e * (1 - e)
     return e
+
+
+def used_iterations(weights: torch.Tensor | None, n_maps: int) -> int:
+    """How many leading iterations have a non-zero weight for some image (a hard VICM mask
+    zeroes the rest: they change nothing, so their maps need not be upsampled or applied)."""
+    if weights is None:
+        return n_maps
+    nonzero = (weights != 0).any(dim=0).nonzero()
+    return int(nonzero[-1]) + 1 if nonzero.numel() else 0
+
+
+Post = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GOOD_BAND_ROWS = 128  # bands thinner than this spend too much on halos and small ops
+
+
+def images_per_call(batch: int, width: int, downscale: float, workspace: int | None) -> int:
+    """How many images of a batch ``curve_in_bands`` should take at once so that its
+    full-resolution bands are at least ``GOOD_BAND_ROWS`` high (all of them: no budget)."""
+    if not workspace:
+        return batch
+    per_pixel = APPLY_BYTES_PER_PIXEL + (ESTIMATE_BYTES_PER_PIXEL if downscale <= 1 else 0)
+    return int(max(1, min(batch, workspace // (width * GOOD_BAND_ROWS * per_pixel))))
+
+
+def curve_in_bands(
+    net: CurveNet,
+    x: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    post: Post | None = None,
+    post_halo: int = 0,
+    downscale: float | None = None,
+    workspace: int | None = None,
+) -> torch.Tensor:
+    """``post(apply_curves(x, net(x, downscale), weights), x)`` in row bands (inference).
+
+    ``workspace``: bytes the working tensors of one band may take (None: whole frames, one
+    call). Maps on a reduced copy (``downscale`` > 1) are estimated once (in bands of the
+    small copy when it is large) and upsampled band by band; full-resolution maps are
+    estimated per band with the curve net's halo. ``post`` is a local operator (the
+    backbone slot) whose output rows depend on inputs within ``post_halo`` rows. Float32
+    out; equal to the whole-frame path up to float noise (``varlide.models.tiling``).
+    """
+    k = net.downscale if downscale is None else float(downscale)
+    b, _, h, w = x.shape
+    used = 3 * used_iterations(weights, net.n_maps)
+    if weights is not None:
+        weights = weights[:, :used // 3]
+    small = None
+    if k > 1:
+        size = (max(1, round(h / k)), max(1, round(w / k)))
+        xs = F.interpolate(x, size=size, mode="area")
+        rows = band_rows(b, size[1], ESTIMATE_BYTES_PER_PIXEL, workspace, HALO)
+        small = map_bands(net.estimate, xs, rows, HALO)[:, :used]
+        per_pixel, halo = APPLY_BYTES_PER_PIXEL, post_halo
+    else:
+        per_pixel, halo = ESTIMATE_BYTES_PER_PIXEL + APPLY_BYTES_PER_PIXEL, post_halo + HALO
+    rows = band_rows(b, w, per_pixel, workspace, halo)
+    out: torch.Tensor | None = None
+    for r0, r1 in bands(h, rows):
+        lo, hi = with_halo(r0, r1, h, post_halo)
+        if small is not None and (lo, hi) == (0, h):
+            maps = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        elif small is not None:
+            maps = bilinear_rows(small, (h, w), lo, hi)
+        else:
+            elo, ehi = with_halo(lo, hi, h, HALO)
+            maps = net.estimate(x[:, :, elo:ehi])[:, :used, lo - elo:hi - elo]
+        xb = x[:, :, lo:hi]
+        y = apply_curves(xb, maps, weights)
+        if post is not None:
+            y = post(y, xb)
+        if lo == 0 and hi == h:
+            return y.float()
+        if out is None:
+            out = torch.empty((b, 3, h, w), dtype=torch.float32, device=x.device)
+        out[:, :, r0:r1] = y[:, :, r0 - lo:r1 - lo]
+    return out

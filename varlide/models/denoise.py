@@ -33,33 +33,60 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varlide.models.tiling import bands
+
 BACKBONES = ("identity", "denoise")
-IMMERKAER = ((1.0, -2.0, 1.0), (-2.0, 4.0, -2.0), (1.0, -2.0, 1.0))
 GAIN_WINDOW = 2.0
 EPS = 1e-3
 
 
+def gaussian_kernel(sigma: float, device: torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps, radius ``ceil(3 sigma)`` (at least 1)."""
+    r = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, device=device, dtype=dtype)
+    k = torch.exp(-(t * t) / (2 * sigma * sigma))
+    return k / k.sum()
+
+
+def _blur_axis(x: torch.Tensor, taps: list[float], dim: int) -> torch.Tensor:
+    """1-D filter along ``dim`` (-1 columns, -2 rows), edges replicated, as a sum of shifted
+    slices: the same products and sums as the convolution, but on CPU ~12x faster than
+    torch's depthwise conv2d (which has no fast kernel for 1-channel groups)."""
+    r = (len(taps) - 1) // 2
+    n = x.shape[dim]
+    pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
+    p = F.pad(x, pad, mode="replicate")
+    acc = p.narrow(dim, 0, n) * taps[0]
+    for i in range(1, len(taps)):
+        acc.add_(p.narrow(dim, i, n), alpha=taps[i])  # autograd-safe: add keeps no input
+    return acc
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``(B, C, H, W)``, radius ``ceil(3 sigma)``, edges replicated."""
-    r = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-(t * t) / (2 * sigma * sigma))
-    k = k / k.sum()
-    c = x.shape[1]
-    row, col = k.view(1, 1, 1, -1).expand(c, 1, 1, -1), k.view(1, 1, -1, 1).expand(c, 1, -1, 1)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), row, groups=c)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), col, groups=c)
+    taps = gaussian_kernel(sigma, dtype=x.dtype).tolist()
+    return _blur_axis(_blur_axis(x, taps, -1), taps, -2)
 
 
-def noise_sigma(x: torch.Tensor) -> torch.Tensor:
+def noise_sigma(x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """Immerkaer's noise standard deviation per image and channel, ``(B, C)``; 0 for images
-    smaller than 3x3."""
+    smaller than 3x3. ``rows``: filter output rows per band (None: the whole frame at once),
+    so a large frame never needs a whole-frame response map.
+
+    The mask is separable (``[1, -2, 1]`` outer itself), so it is computed as two second
+    differences of slices rather than a 3x3 convolution (~10x faster on CPU)."""
     b, c, h, w = x.shape
     if h < 3 or w < 3:
         return x.new_zeros(b, c)
-    mask = torch.tensor(IMMERKAER, device=x.device, dtype=x.dtype).view(1, 1, 3, 3)
-    r = F.conv2d(x.reshape(b * c, 1, h, w), mask)
-    return (math.sqrt(math.pi / 2) / 6 * r.abs().mean(dim=(1, 2, 3))).view(b, c)
+    total = torch.zeros(b, c, dtype=torch.float64, device=x.device)
+    for r0, r1 in bands(h - 2, rows):  # output row r comes from input rows r .. r + 2
+        band = x[:, :, r0:r1 + 2]
+        d = band[..., :-2] - 2 * band[..., 1:-1] + band[..., 2:]
+        r = d[..., :-2, :] - 2 * d[..., 1:-1, :] + d[..., 2:, :]
+        total += r.abs().sum(dim=(2, 3), dtype=torch.float64)
+    mean = total / ((h - 2) * (w - 2))
+    return (math.sqrt(math.pi / 2) / 6 * mean).to(x.dtype)
 
 
 class NoiseAdaptiveDenoiser(nn.Module):
@@ -78,11 +105,26 @@ class NoiseAdaptiveDenoiser(nn.Module):
     def tag(self) -> str:
         return f"denoise-w{self.window:g}-k{self.strength:g}"
 
-    def forward(self, image: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    @property
+    def halo(self) -> int:
+        """Rows either side an output pixel depends on (the widest Gaussian's radius)."""
+        return max(math.ceil(3 * GAIN_WINDOW), math.ceil(3 * self.window))
+
+    def prepare(self, source: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """The per-image noise estimate of the whole input, ``(B, C)``: the one global
+        statistic, computed once so the filter itself can run in row bands."""
+        with torch.autocast(source.device.type, enabled=False):
+            return noise_sigma(source.float(), rows)
+
+    def forward(self, image: torch.Tensor, source: torch.Tensor,
+                sigma_in: torch.Tensor | None = None) -> torch.Tensor:
+        """``sigma_in``: ``prepare(whole input)`` when ``source`` is a band of it."""
         dtype = image.dtype
         with torch.autocast(image.device.type, enabled=False):
             y, x = image.float(), source.float()
-            sigma = self.strength * noise_sigma(x)[:, :, None, None]
+            if sigma_in is None:
+                sigma_in = noise_sigma(x)
+            sigma = self.strength * sigma_in.float()[:, :, None, None]
             gain = (gaussian_blur(y, GAIN_WINDOW) + EPS) / (gaussian_blur(x, GAIN_WINDOW) + EPS)
             noise_var = (sigma * gain) ** 2
             mu = gaussian_blur(y, self.window)
@@ -95,10 +137,16 @@ class NoiseAdaptiveDenoiser(nn.Module):
 class IdentityBackbone(nn.Module):
     """The empty slot: returns the curve output unchanged."""
 
+    halo = 0
+
     def tag(self) -> str:
         return ""
 
-    def forward(self, image: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    def prepare(self, source: torch.Tensor, rows: int | None = None) -> None:
+        return None
+
+    def forward(self, image: torch.Tensor, source: torch.Tensor,
+                sigma_in: torch.Tensor | None = None) -> torch.Tensor:
         return image
 
 

@@ -50,7 +50,9 @@ from typing import Any, ClassVar
 import torch
 
 from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult
+from varlide.models.curve_net import curve_in_bands, images_per_call
 from varlide.models.denoise import build_backbone
+from varlide.models.tiling import band_rows
 from varlide.models.vgpm import LOW_BAND, VGPM
 from varlide.models.vicm import VICM
 
@@ -222,6 +224,10 @@ class VarlideLiteConfig:
     low_band: float = LOW_BAND  # VGPM keeps |f| < low_band (cycles/px) out, tapered to 2x
     hidden: int = 16  # Theta_v / Theta_b hidden units
     backbone: str = "identity"  # the slot between VICM and VGPM: identity | denoise
+    # Inference: curve maps on a 1/k copy (None: ``downscale``, as trained). The shipped
+    # weights say 4 (measured: no quality cost, 12x less curve-net work; docs/METHOD.md);
+    # ``enhancer_options: {downscale: 1}`` runs them at full resolution.
+    inference_downscale: float | None = None
     denoise_window: float = 1.5  # denoise: Gaussian sigma (px) of the local statistics
     denoise_strength: float = 1.0  # denoise: factor on the estimated noise
 
@@ -267,13 +273,25 @@ class VarlideLite(Pretrained, Enhancer):
 
     @property
     def version(self) -> str:
-        """The weights' sha256 prefix, plus the backbone's tag (``+denoise-...``) if any."""
-        tag = self.backbone.tag()
-        return f"{self.weights_version}+{tag}" if tag else self.weights_version
+        """The weights' sha256 prefix, plus ``+ds<k>`` when the curve maps are estimated on a
+        1/k copy and the backbone's tag (``+denoise-...``) if any: what produced a row."""
+        k = self.effective_downscale
+        tags = [f"ds{k:g}"] if k != 1 else []
+        tags += [self.backbone.tag()] if self.backbone.tag() else []
+        return "+".join([self.weights_version, *tags])
 
     @version.setter
     def version(self, value: str) -> None:
         self.weights_version = value
+
+    @property
+    def effective_downscale(self) -> float:
+        """The 1/k copy inference estimates the curve maps on: the option, else the config's
+        inference value, else what training used."""
+        if self.downscale is not None:
+            return float(self.downscale)
+        c = self.config
+        return float(c.downscale if c.inference_downscale is None else c.inference_downscale)
 
     def set_backbone(self, name: str) -> None:
         """Put ``name`` in the backbone slot and record it in the config (what
@@ -357,8 +375,28 @@ class VarlideLite(Pretrained, Enhancer):
         return out
 
     def _curve(self, x: torch.Tensor, v: torch.Tensor):
-        r = self.vicm(x, v, mask="hard", downscale=self.downscale)
-        return self.backbone(r["image"], x), r["n_iter"]
+        """VICM then the backbone slot, in row bands of ``self.workspace`` bytes; a batch
+        whose bands would be thin (a few rows of every image at once) goes image by image."""
+        _, weights, n_iter = self.vicm.truncation(v, mask="hard")
+        k = self.effective_downscale
+        step = images_per_call(x.shape[0], x.shape[-1], k, self.workspace)
+        if step >= x.shape[0]:
+            return self._curve_chunk(x, weights, k), n_iter
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for i in range(0, x.shape[0], step):
+            out[i:i + step] = self._curve_chunk(x[i:i + step], None if weights is None
+                                                else weights[i:i + step], k)
+        return out, n_iter
+
+    def _curve_chunk(self, xi: torch.Tensor, wi: torch.Tensor | None, k: float) -> torch.Tensor:
+        sigma = self.backbone.prepare(xi, band_rows(xi.shape[0], xi.shape[-1], 16,
+                                                    self.workspace))
+
+        def post(y: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+            return self.backbone(y, xb, sigma)
+
+        return curve_in_bands(self.vicm.curve, xi, wi, post, self.backbone.halo, k,
+                              self.workspace)
 
     def _full(self, x: torch.Tensor, v: torch.Tensor, b: torch.Tensor):
         img, n = self._curve(x, v)
@@ -388,7 +426,7 @@ class VarlideLite(Pretrained, Enhancer):
         routes = self.routes(v, b)
         x = images.float()
         cl = self.channels_last if self.channels_last is not None else dev.type == "cuda"
-        out = x.clone()
+        out: torch.Tensor | None = None  # a copy of x only when routes differ in the batch
         n_iter = torch.zeros(n, dtype=torch.int16, device=dev)
         strength = torch.zeros(n, dtype=torch.float32, device=dev) if self.vgpm else None
         for key in ("curve", "full"):
@@ -406,15 +444,19 @@ class VarlideLite(Pretrained, Enhancer):
                 else:
                     bs = b if idx is None else b.index_select(0, idx)
                     y, it, s = self._fn(key)(xs, vs, bs)
-            y = y.float().clamp(0, 1).contiguous()
+            y = y.float().clamp_(0, 1).contiguous()
             if idx is None:
                 out, n_iter = y, it.to(torch.int16)
             else:
+                if out is None:
+                    out = x.clone()
                 out.index_copy_(0, idx, y)
                 n_iter.index_copy_(0, idx, it.to(torch.int16))
             if key == "full":
                 strength.index_copy_(0, idx if idx is not None else torch.arange(n, device=dev),
                                      s.float())
+        if out is None:  # every image skipped
+            out = x.clone()
         return EnhanceResult(images=out.to(images.dtype) if images.is_floating_point() else out,
                              route=routes, n_iter=n_iter, phase_strength=strength)
 

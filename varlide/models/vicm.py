@@ -112,6 +112,17 @@ class VICM(nn.Module):
             return torch.full((v.numel(),), float(self.n_iter), device=v.device)
         return self.theta_v(v.to(next(self.parameters()).device))
 
+    def truncation(self, v: torch.Tensor, mask: str = "hard", temperature: float = 0.1
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(tau, weights, n_iter)`` for scores ``v``: the iteration mask (None: fixed N)
+        and the hard n_v, from v alone (the maps are not needed)."""
+        tau = self.tau(v)
+        if self.theta_v is None:
+            n_iter = torch.full((v.numel(),), self.n_iter, dtype=torch.long, device=tau.device)
+            return tau, None, n_iter
+        weights = iteration_mask(tau, self.n_iter, mask, temperature)
+        return tau, weights, hard_iterations(tau, self.n_iter)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -125,12 +136,6 @@ class VICM(nn.Module):
         ``image`` is float32 in [0, 1]; ``n_iter`` the hard n_v (int64, what inference uses).
         """
         maps = self.curve(x, downscale=downscale)
-        tau = self.tau(v)
-        if self.theta_v is None:
-            weights = None
-            n_iter = torch.full((x.shape[0],), self.n_iter, dtype=torch.long, device=x.device)
-        else:
-            weights = iteration_mask(tau, self.n_iter, mask, temperature)
-            n_iter = hard_iterations(tau, self.n_iter)
+        tau, weights, n_iter = self.truncation(v, mask, temperature)
         image = apply_curves(x, maps, weights)
         return {"image": image, "maps": maps, "tau": tau, "weights": weights, "n_iter": n_iter}
