@@ -101,11 +101,11 @@ class Config(BaseModel):
     device: Literal["cpu", "cuda", "auto"] = "auto"
     batch_size: int = Field(8, ge=1, le=4096)
     decode_threads: int = Field(4, ge=1, le=256)
-    memory_budget: int | None = Field(None, ge=64 << 20, description="bytes one shard in "
-                                      "flight may hold in images and working tensors (e.g. "
-                                      "'2GB'); default: half the available memory shared "
-                                      "among the shards in flight, at most 1 GB "
-                                      "(varlide/memory.py)")
+    memory_budget: int | None = Field(None, ge=0, description="bytes one shard in flight "
+                                      "may hold in images and working tensors (e.g. '2GB'; "
+                                      "'off' = 0: no bound, whole frames); default: half the "
+                                      "available memory shared among the shards in flight, "
+                                      "at most 1 GB (varlide/memory.py)")
     retries: int = Field(2, ge=0, le=20)
     retry_delay_s: float = Field(2.0, ge=0)
     experiment: str = "varlide-enhance"
@@ -130,11 +130,16 @@ class Config(BaseModel):
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
-        from varlide.memory import parse_size
+        from varlide.memory import MIN_BUDGET, parse_size
 
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
-        return parse_size(value)
+        if isinstance(value, str) and value.strip().lower() in ("off", "none", "unbounded"):
+            return 0
+        size = parse_size(value)
+        if 0 < size < MIN_BUDGET:
+            raise ValueError(f"at least {MIN_BUDGET >> 20} MB (or 'off'), got {value!r}")
+        return size
 
     @field_validator("dask")
     @classmethod

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from varlide import allocator
 from varlide.config import Config
 from varlide.imaging.decode import DecodedImage, DecodeError, decode_image
 from varlide.imaging.encode import encode_image
@@ -123,6 +124,12 @@ class Stages:
     enhancer: Enhancer | None
     metrics: dict[str, Metric]
     reference_metrics: dict[str, Metric]
+
+    def peak_bytes_per_pixel(self) -> int:
+        """The largest working bytes per pixel of a measure called on one image (a measure
+        is called on whole images; the enhancer works in bands within the workspace)."""
+        measures = [*self.metrics.values(), *self.reference_metrics.values()]
+        return max([getattr(m, "bytes_per_pixel", 400) for m in measures], default=0)
 
 
 _STAGES: dict[tuple, Stages] = {}
@@ -456,6 +463,7 @@ def _done_future(fn: Callable[..., Any], *args: Any) -> Future:
 def process_shard(job: ShardJob, progress: ProgressCallback | None = None) -> ShardResult:
     """Run one shard end to end: images, then its Parquet file, then its done marker."""
     cfg = Config(**job.config)
+    allocator.tune()  # thresholds now; the arena limit only if no thread existed yet (cli)
     set_torch_threads(cfg.torch_threads)
     stages = get_stages(cfg)
     lanes, intra_op = compute_plan(stages.device, cfg.workers)
@@ -485,8 +493,11 @@ class _Ledger:
             self._cond.wait(timeout)
 
 
-def shard_budget(cfg: Config) -> int:
-    """Bytes one shard in flight may hold: ``memory_budget`` or the machine's default."""
+def shard_budget(cfg: Config) -> int | None:
+    """Bytes one shard in flight may hold: ``memory_budget``, else the machine's default;
+    None when the budget is 'off' (0: whole frames, nothing bounded)."""
+    if cfg.memory_budget == 0:
+        return None
     return cfg.memory_budget or default_budget(cfg.workers)
 
 
@@ -508,8 +519,9 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
     started = time.perf_counter()
     worker, device = worker_name(), str(stages.device)
     budget = shard_budget(cfg)
-    workspace = workspace_for(budget)
-    room = max(workspace, budget - lanes * workspace)  # for images; the rest is stage work
+    workspace = None if budget is None else workspace_for(budget)
+    room = (float("inf") if budget is None  # for images; the rest is stage work
+            else max(workspace, budget - lanes * workspace))
     if stages.enhancer is not None:
         stages.enhancer.set_workspace(workspace)
     ledger = _Ledger()
@@ -578,7 +590,8 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
     def admit(item: Loaded) -> None:
         nonlocal largest
         h, w = item.image.height, item.image.width
-        cost = image_cost(h, w, item.waiting_bytes(), item.reference is not None)
+        cost = image_cost(h, w, item.waiting_bytes(), item.reference is not None,
+                          stages.peak_bytes_per_pixel(), workspace or 0)
         largest = max(largest, cost)
         if cost > room:
             _too_big(item, cost, room)

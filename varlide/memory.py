@@ -26,7 +26,8 @@ import re
 GiB = 1 << 30
 MiB = 1 << 20
 DEFAULT_CAP = 1 * GiB
-MIN_BUDGET = 256 * MiB
+MIN_BUDGET = 64 * MiB  # the least a budget may be set to; the default never goes below
+MIN_DEFAULT = 256 * MiB
 WORKSPACE_SHARE = 0.125  # of the budget, for one stage's working tensors
 MAX_WORKSPACE = 64 * MiB  # larger bands are no faster on CPU (measured: 64-256 MB alike)
 MIN_WORKSPACE = 16 * MiB
@@ -77,30 +78,45 @@ def available_memory() -> int:
 
 
 def _cgroup_headroom() -> int | None:
-    """cgroup v2 ``memory.max - memory.current`` of this process's group, if limited."""
+    """Limit minus usage of this process's memory cgroup (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``), when one is set."""
     try:
         with open("/proc/self/cgroup") as f:
-            rel = next((ln.split(":", 2)[2].strip() for ln in f if ln.startswith("0::")), None)
-        if rel is None:
-            return None
-        base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
-        with open(os.path.join(base, "memory.max")) as f:
+            lines = [ln.strip().split(":", 2) for ln in f if ln.count(":") >= 2]
+    except OSError:
+        return None
+    for _, controllers, rel in lines:
+        if controllers == "memory":  # v1
+            base = os.path.join("/sys/fs/cgroup/memory", rel.lstrip("/"))
+            found = _headroom(base, "memory.limit_in_bytes", "memory.usage_in_bytes")
+            if found is not None:
+                return found
+        elif controllers == "":  # v2 (unified)
+            base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
+            found = _headroom(base, "memory.max", "memory.current")
+            if found is not None:
+                return found
+    return None
+
+
+def _headroom(base: str, limit_file: str, usage_file: str) -> int | None:
+    try:
+        with open(os.path.join(base, limit_file)) as f:
             raw = f.read().strip()
-        if raw == "max":
+        if raw == "max" or int(raw) >= 1 << 60:  # v1 writes 'no limit' as ~2^63
             return None
-        with open(os.path.join(base, "memory.current")) as f:
-            current = int(f.read().strip())
-        return max(0, int(raw) - current)
-    except (OSError, ValueError, StopIteration):
+        with open(os.path.join(base, usage_file)) as f:
+            return max(0, int(raw) - int(f.read().strip()))
+    except (OSError, ValueError):
         return None
 
 
 def default_budget(shards_in_flight: int = 1, available: int | None = None) -> int:
     """Per shard in flight: half the available memory shared among them, in
-    [``MIN_BUDGET``, ``DEFAULT_CAP``]."""
+    [``MIN_DEFAULT``, ``DEFAULT_CAP``]."""
     avail = available_memory() if available is None else available
     share = avail // (2 * max(1, shards_in_flight))
-    return int(min(DEFAULT_CAP, max(MIN_BUDGET, share)))
+    return int(min(DEFAULT_CAP, max(MIN_DEFAULT, share)))
 
 
 def workspace_for(budget: int) -> int:
@@ -108,8 +124,12 @@ def workspace_for(budget: int) -> int:
     return int(min(MAX_WORKSPACE, max(MIN_WORKSPACE, budget * WORKSPACE_SHARE)))
 
 
-def image_cost(height: int, width: int, waiting_bytes: int, reference: bool = False) -> int:
+def image_cost(height: int, width: int, waiting_bytes: int, reference: bool = False,
+               stage_bytes_per_pixel: int = 0, workspace: int = 0) -> int:
     """Bytes an image holds in a batch: its decoded pixels (``waiting_bytes``, uint8 or
-    float32) plus its batch tensors and output."""
+    float32), its batch tensors and output, and what a stage that must see the whole image
+    at once (a measure: ``stage_bytes_per_pixel``) needs beyond the workspace."""
+    pixels = height * width
     per_pixel = BATCH_BYTES_PER_PIXEL + (REFERENCE_BYTES_PER_PIXEL if reference else 0)
-    return int(waiting_bytes + height * width * per_pixel)
+    beyond = max(0, pixels * stage_bytes_per_pixel - workspace)
+    return int(waiting_bytes + pixels * per_pixel + beyond)

@@ -34,7 +34,9 @@ OVEREXPOSED_LUMA = 0.98
 
 
 class AnalyticMetric(Metric):
-    bytes_per_pixel = 64  # float32 luma + its float64 copy, a Laplacian map (sharpness)
+    # float32 luma, its float64 copy; sharpness: a Laplacian map and its float64 copy
+    # (measured 110 B/px, benchmarks/memory.py)
+    bytes_per_pixel = 128
 
     def __init__(
         self,
