@@ -76,7 +76,7 @@ BRIGHTNESS_BINS = (("dark", 0.0, 0.25), ("mid", 0.25, 0.5), ("bright", 0.5, 1.01
 # Fields that may differ between a run and its resume (execution, schedule length, logging).
 RESUMABLE_FIELDS = frozenset({
     "steps", "checkpoint_every", "keep_checkpoints", "val_every", "log_every", "device",
-    "threads", "prefetch", "final_backbone",
+    "threads", "prefetch", "final_backbone", "final_inference_downscale",
 })
 
 
@@ -124,6 +124,10 @@ class TrainConfig:
     # empty and run with the denoiser after the curve; this default makes trained weights
     # run the same way.
     final_backbone: str | None = "denoise"
+    # varlide-lite: the 1/k copy the final weights estimate their curve maps on at inference
+    # (``VarlideLiteConfig.inference_downscale``; None: as trained). 4 as the shipped weights:
+    # no quality cost measured, 12x less curve-net work (docs/METHOD.md).
+    final_inference_downscale: float | None = 4.0
 
     def __post_init__(self) -> None:
         self.scale = tuple(self.scale)
@@ -132,6 +136,9 @@ class TrainConfig:
             raise ValueError(f"enhancer: 'varlide-lite' or 'zero-dce', got {self.enhancer!r}")
         if self.loss not in ("varlide", "zero-dce"):
             raise ValueError(f"loss: 'varlide' or 'zero-dce', got {self.loss!r}")
+        if self.final_inference_downscale is not None and self.final_inference_downscale < 1:
+            raise ValueError(f"final_inference_downscale: None or >= 1, got "
+                             f"{self.final_inference_downscale!r}")
         if self.final_backbone not in (None, "identity", "denoise"):
             raise ValueError(f"final_backbone: None, 'identity' or 'denoise', got "
                              f"{self.final_backbone!r}")
@@ -724,6 +731,9 @@ def train(
     model.eval()
     if cfg.final_backbone and hasattr(model, "set_backbone"):  # varlide-lite
         model.set_backbone(cfg.final_backbone)
+    if cfg.final_inference_downscale and hasattr(model.config, "inference_downscale"):
+        model.config = dataclasses.replace(model.config,
+                                           inference_downscale=cfg.final_inference_downscale)
     version = model.save_pretrained(final_uri, extra=extra)
     fs, p = filesystem(join(out_dir, "curves.json"))
     fs.pipe_file(p, json.dumps({"train": curves, "val": val_curves}, indent=1).encode())
