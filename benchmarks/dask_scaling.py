@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="corpus size (default 1024: 4 shards of the default 256)")
     p.add_argument("--size", type=_size, default=(320, 240), help="WxH (default 320x240)")
     p.add_argument("--shard-size", type=int, default=None, help="default: Config's (256)")
-    p.add_argument("--enhancer", default="classic-curve",
-                   help="enhancer of the timed runs (the recorded figures: classic-curve)")
+    p.add_argument("--enhancer", default=None,
+                   help="enhancer of the timed runs (default: Config's, varlide-lite with "
+                   "its shipped weights; the issue-2 figures pinned classic-curve)")
     p.add_argument("--workers", default="1,2", help="worker counts to compare (default 1,2)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="work folder (default: a temporary one, removed after)")
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from varlide.config import Config
 
     shard_size = args.shard_size or Config().shard_size
+    args.enhancer = args.enhancer or Config().enhancer
     cfg_fields = {"shard_size": shard_size, "torch_threads": 1, "progress": False,
                   "retry_delay_s": 0, "device": "cpu", "enhancer": args.enhancer}
     _say(f"machine: {machine()}; load average {load_average()}")
