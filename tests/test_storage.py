@@ -181,7 +181,7 @@ def test_plan_shards_and_json_round_trip():
     assert [f for s in shards for f in s.files] == files  # listing order kept
     data = json.loads(json.dumps(plan_to_json(shards)))
     assert plan_from_json(data) == shards
-    assert "out_error" not in data[0]["files"][0]  # None fields are omitted
+    assert len(data[0]["files"][0]) < 5  # trailing None fields are omitted
     assert plan_shards([], 5) == []
     assert plan_shards(files, 100) == [Shard(0, tuple(files))]
     for bad in (0, -1, 1.5):

@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import io
 import posixpath
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["OutputName", "plan_output_names", "to_uint8", "encode_image"]
+__all__ = ["OutputName", "iter_output_names", "plan_output_names", "to_uint8", "encode_image"]
 
 PNG_COMPRESS_LEVEL = 1
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
@@ -82,28 +83,35 @@ def _target(rel_path: str, fmt: str) -> tuple[str, str]:
 
 def plan_output_names(rel_paths: Sequence[str], fmt: str) -> dict[str, OutputName]:
     """Output name and format of every input (in input order); collisions become errors."""
+    return dict(iter_output_names(rel_paths, fmt))
+
+
+def iter_output_names(rel_paths: Sequence[str], fmt: str) -> Iterator[tuple[str, OutputName]]:
+    """``(rel_path, OutputName)`` in input order, without a per-file table of owners: two
+    passes, the first counting each output name (case-folded: a case-insensitive store must
+    not see two writers either), the second naming only the colliding files' others."""
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    targets = {rel: _target(rel, fmt) for rel in rel_paths}
+    counts: Counter[str] = Counter(_target(rel, fmt)[0].casefold() for rel in rel_paths)
     owners: dict[str, list[str]] = {}
-    for rel, (out, _) in targets.items():
-        owners.setdefault(out.casefold(), []).append(rel)
-
-    plan: dict[str, OutputName] = {}
-    for rel, (out, pil_format) in targets.items():
-        others = [o for o in owners[out.casefold()] if o != rel]
+    for rel in rel_paths:  # only names claimed twice or more keep their owners
+        key = _target(rel, fmt)[0].casefold()
+        if counts[key] > 1:
+            owners.setdefault(key, []).append(rel)
+    for rel in rel_paths:
+        out, pil_format = _target(rel, fmt)
+        others = [o for o in owners.get(out.casefold(), ()) if o != rel]
         if out != rel and others:
             shown = ", ".join(repr(o) for o in others[:3])
             more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-            plan[rel] = OutputName(
+            yield rel, OutputName(
                 None,
                 None,
                 f"output name collision: format {fmt!r} renames {rel!r} to {out!r}, "
                 f"which is also the output of {shown}{more}",
             )
         else:
-            plan[rel] = OutputName(out, pil_format, None)
-    return plan
+            yield rel, OutputName(rel if out == rel else out, pil_format, None)
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -20,8 +20,9 @@ Rules:
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -34,7 +35,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CorpusFile:
     """One input image: its path relative to the corpus root (POSIX) and size in bytes."""
 
@@ -92,6 +93,60 @@ def list_corpus(
         raise NotADirectoryError(
             f"input {uri} is a single file; it must be a folder (or an object-store prefix)"
         )
+    if _is_local(fs):
+        out = [CorpusFile(rel, size) for rel, size in _walk_local(root)
+               if not is_hidden(rel) and is_image_path(rel) and keep_path(rel, include, exclude)]
+    else:
+        out = _list_fsspec(fs, root, uri, include, exclude)
+    out.sort(key=lambda f: f.rel_path)
+    if limit is not None:
+        out = out[:limit]
+    return out
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, int]]:
+    """``(relative POSIX path, size)`` of every file under a local folder, by ``os.scandir``:
+    what ``fs.find(detail=True)`` gives, without a dict of a dozen stat fields per file
+    (1,000,000 files: ~900 MB of them). Symbolic links, as fsspec lists them: a link to a
+    file lists with its target's size; a link to a folder is walked only if that real folder
+    is not walked already (so a folder is listed once and a link cycle cannot loop); a
+    broken link is listed with size 0 (its row then says it is unreadable), an entry that
+    cannot be examined is skipped with a warning.
+    Hidden folders are not entered (nothing under them is listed anyway)."""
+    seen: set[tuple[int, int]] = set()
+    stack = [("", root)]
+    while stack:
+        rel_dir, path = stack.pop()
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(path))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", path, exc)
+            continue
+        for entry in entries:
+            rel = f"{rel_dir}{entry.name}"
+            try:
+                if entry.is_dir():
+                    if not entry.name.startswith("."):
+                        stack.append((rel + "/", entry.path))
+                elif entry.is_file():
+                    yield rel, entry.stat().st_size
+                elif entry.is_symlink():  # broken: listed (size 0) so its row says why
+                    yield rel, 0
+            except OSError as exc:  # vanished, permission, a broken link
+                log.warning("skipping %s: %s", entry.path, exc)
+
+
+def _list_fsspec(fs, root: str, uri: str, include: Sequence[str],
+                 exclude: Sequence[str]) -> list[CorpusFile]:
     found = fs.find(root, withdirs=False, detail=True)
     prefix = f"{root}/" if root else ""
     out: list[CorpusFile] = []
@@ -111,7 +166,4 @@ def list_corpus(
         if not keep_path(rel, include, exclude):
             continue
         out.append(CorpusFile(rel_path=rel, size=int(info.get("size") or 0)))
-    out.sort(key=lambda f: f.rel_path)
-    if limit is not None:
-        out = out[:limit]
     return out
