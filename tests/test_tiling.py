@@ -116,3 +116,28 @@ def test_varlide_lite_workspace_does_not_change_outputs():
     assert (banded.images - whole.images).abs().max() < BAND_ATOL
     assert torch.equal(banded.n_iter, whole.n_iter)
     assert model.version.endswith("+ds4+denoise-w1.5-k1")
+
+
+def test_analytic_measures_in_row_bands_equal_whole_frame_formulas(monkeypatch):
+    from varlide.iqa import analytic
+    from varlide.priors.analytic import luma
+
+    x = _frames(b=2, h=301, w=157)
+    x[0, :, :20] = 1.0  # some over-exposed rows
+    y = luma(x).double().flatten(1)
+    rg = (x[:, 0] - x[:, 1]).double().flatten(1) * 255
+    yb = (0.5 * (x[:, 0] + x[:, 1]) - x[:, 2]).double().flatten(1) * 255
+    lap = F.conv2d(luma(x) * 255, analytic._LAPLACE.view(1, 1, 3, 3)).double().flatten(1)
+    idx = (luma(x).flatten(1) * 255).round().clamp(0, 255).long()
+    p = torch.stack([torch.bincount(i, minlength=256) for i in idx]).double() / idx.shape[1]
+    expected = {
+        "brightness": y.mean(1), "contrast": y.std(1, unbiased=False),
+        "entropy": -(p * torch.log2(p.where(p > 0, torch.ones_like(p)))).sum(1),
+        "colorfulness": torch.sqrt(rg.var(1, unbiased=False) + yb.var(1, unbiased=False))
+        + 0.3 * torch.sqrt(rg.mean(1) ** 2 + yb.mean(1) ** 2),
+        "sharpness": lap.var(1, unbiased=False), "overexposed": (y >= 0.98).double().mean(1),
+    }
+    monkeypatch.setattr(analytic, "BAND_BYTES", 2 * 157 * 48 * 9)  # 9-row bands: 34 of them
+    for name, want in expected.items():
+        got = getattr(analytic, name)(x)
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-12), name

@@ -2,7 +2,9 @@
 
 All are computed on the batch's device at the resolution given, with luma = Rec.601
 (``0.299 R + 0.587 G + 0.114 B`` on the stored gamma-encoded values, as everywhere in
-varlide) and reductions in float64. Each returns ``(B,)`` float64.
+varlide) and reductions in float64, as sums over bands of rows (bounded memory at any frame
+size; means and standard deviations from the sums of x and x^2). Each returns ``(B,)``
+float64.
 
 - ``brightness``: mean luma, in [0, 1]. No preferred direction (a curve can over-brighten).
 - ``contrast``: RMS contrast = population standard deviation of luma, in [0, 0.5].
@@ -34,9 +36,9 @@ OVEREXPOSED_LUMA = 0.98
 
 
 class AnalyticMetric(Metric):
-    # float32 luma, its float64 copy; sharpness: a Laplacian map and its float64 copy
-    # (measured 110 B/px, benchmarks/memory.py)
-    bytes_per_pixel = 128
+    # Reductions over row bands of BAND_BYTES (``_band_sums``): the per-pixel cost is the
+    # float32 copy of the input the caller passes (measured ~6 B/px, benchmarks/memory.py).
+    bytes_per_pixel = 8
 
     def __init__(
         self,
@@ -71,29 +73,69 @@ def _register(info: MetricInfo):
     return wrap
 
 
-def _y(images: torch.Tensor) -> torch.Tensor:
-    return luma(images).double().flatten(1)  # (B, N)
+BAND_BYTES = 8 << 20  # working tensors of one band of rows (float32 luma + float64 copies)
+
+
+def _band_sums(images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
+               halo: int = 0) -> torch.Tensor:
+    """``sum over row bands of fn(band)`` -> ``(B, K)`` float64 sums.
+
+    Why: a statistic of a whole frame at float64 costs ~50-110 bytes per pixel at once (a
+    4K frame: ~1 GB); as sums over bands of rows it costs ``BAND_BYTES``. Every measure here
+    is a function of such sums (counts, moments, a histogram). ``halo``: rows a 'valid'
+    filter needs below its last output row (output row r reads input rows r .. r + halo).
+    The sums are the same numbers in another order: results agree with one whole-frame
+    reduction to float64 rounding (~1e-12 relative)."""
+    b, _, h, w = images.shape
+    rows = max(8, BAND_BYTES // max(1, b * w * 48))
+    total: torch.Tensor | None = None
+    for r0 in range(0, max(0, h - halo), rows):
+        part = fn(images[:, :, r0:min(h, r0 + rows + halo)])
+        total = part if total is None else total + part
+    return total
+
+
+def _luma_moments(band: torch.Tensor) -> torch.Tensor:
+    y = luma(band).double().flatten(1)
+    return torch.stack([y.sum(dim=1), (y * y).sum(dim=1)], dim=1)
+
+
+def _moments_std(s: torch.Tensor, n: int, i: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, population std) from the sums ``s[:, i]`` (x) and ``s[:, i + 1]`` (x^2)."""
+    mean = s[:, i] / n
+    return mean, (s[:, i + 1] / n - mean * mean).clamp_min(0).sqrt()
 
 
 @_register(MetricInfo("brightness", None, (0.0, 1.0), description="mean Rec.601 luma"))
 def brightness(images: torch.Tensor) -> torch.Tensor:
-    return _y(images).mean(dim=1)
+    return _band_sums(images, _luma_moments)[:, 0] / images[0, 0].numel()
 
 
 @_register(MetricInfo("contrast", False, (0.0, 0.5), description="RMS contrast: std of luma"))
 def contrast(images: torch.Tensor) -> torch.Tensor:
-    return _y(images).std(dim=1, unbiased=False)
+    return _moments_std(_band_sums(images, _luma_moments), images[0, 0].numel())[1]
+
+
+def _histogram(band: torch.Tensor) -> torch.Tensor:
+    idx = (luma(band).flatten(1) * 255).round().clamp(0, 255).long()
+    hist = torch.zeros(idx.shape[0], 256, dtype=torch.float64, device=idx.device)
+    return hist.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
 
 
 @_register(MetricInfo(
     "entropy", False, (0.0, 8.0), description="Shannon entropy (bits) of the uint8 luma histogram"
 ))
 def entropy(images: torch.Tensor) -> torch.Tensor:
-    idx = (luma(images).flatten(1) * 255).round().clamp(0, 255).long()
-    hist = torch.zeros(idx.shape[0], 256, dtype=torch.float64, device=idx.device)
-    hist.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
-    p = hist / idx.shape[1]
+    p = _band_sums(images, _histogram) / images[0, 0].numel()
     return -(p * torch.log2(p.where(p > 0, torch.ones_like(p)))).sum(dim=1)
+
+
+def _opponent_moments(band: torch.Tensor) -> torch.Tensor:
+    x = band.double().flatten(2) * 255
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    rg = r - g
+    yb = 0.5 * (r + g) - b
+    return torch.stack([rg.sum(1), (rg * rg).sum(1), yb.sum(1), (yb * yb).sum(1)], dim=1)
 
 
 @_register(MetricInfo(
@@ -103,16 +145,20 @@ def entropy(images: torch.Tensor) -> torch.Tensor:
 def colorfulness(images: torch.Tensor) -> torch.Tensor:
     if images.shape[1] == 1:
         return torch.zeros(images.shape[0], dtype=torch.float64, device=images.device)
-    x = images.double().flatten(2) * 255
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    rg = r - g
-    yb = 0.5 * (r + g) - b
-    sd = torch.sqrt(rg.var(dim=1, unbiased=False) + yb.var(dim=1, unbiased=False))
-    mu = torch.sqrt(rg.mean(dim=1) ** 2 + yb.mean(dim=1) ** 2)
-    return sd + 0.3 * mu
+    s, n = _band_sums(images, _opponent_moments), images[0, 0].numel()
+    mu_rg, sd_rg = _moments_std(s, n, 0)
+    mu_yb, sd_yb = _moments_std(s, n, 2)
+    return torch.sqrt(sd_rg**2 + sd_yb**2) + 0.3 * torch.sqrt(mu_rg**2 + mu_yb**2)
 
 
 _LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def _laplace_moments(band: torch.Tensor) -> torch.Tensor:
+    y = luma(band) * 255
+    k = _LAPLACE.to(y.device, y.dtype).view(1, 1, 3, 3)
+    lap = F.conv2d(y, k).double().flatten(1)
+    return torch.stack([lap.sum(dim=1), (lap * lap).sum(dim=1)], dim=1)
 
 
 @_register(MetricInfo(
@@ -120,16 +166,19 @@ _LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
     description="variance of the 4-neighbour Laplacian of luma (0-255 scale)",
 ))
 def sharpness(images: torch.Tensor) -> torch.Tensor:
-    y = luma(images) * 255
-    if min(y.shape[-2:]) < 3:
-        return torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
-    k = _LAPLACE.to(y.device, y.dtype).view(1, 1, 3, 3)
-    lap = F.conv2d(y, k).double().flatten(1)
-    return lap.var(dim=1, unbiased=False)
+    h, w = images.shape[-2:]
+    if min(h, w) < 3:
+        return torch.zeros(images.shape[0], dtype=torch.float64, device=images.device)
+    s = _band_sums(images, _laplace_moments, halo=2)
+    return _moments_std(s, (h - 2) * (w - 2))[1] ** 2
+
+
+def _overexposed_count(band: torch.Tensor) -> torch.Tensor:
+    return (luma(band).flatten(1) >= OVEREXPOSED_LUMA).sum(dim=1, keepdim=True).double()
 
 
 @_register(MetricInfo(
     "overexposed", True, (0.0, 1.0), description="fraction of pixels with luma >= 0.98"
 ))
 def overexposed(images: torch.Tensor) -> torch.Tensor:
-    return (luma(images).flatten(1) >= OVEREXPOSED_LUMA).double().mean(dim=1)
+    return _band_sums(images, _overexposed_count)[:, 0] / images[0, 0].numel()
