@@ -99,6 +99,11 @@ def pyiqa_info(name: str) -> MetricInfo:
     )
 
 
+# Peak working bytes per pixel of one call on one image (benchmarks/memory.py, 1280x720):
+# what the engine's memory budget counts for a measure that sees whole frames.
+BYTES_PER_PIXEL = {"piqe": 140}
+
+
 class PyiqaMetric(Metric):
     """One pyiqa model, created once, scoring batches ``(B, 3, H, W)`` in [0, 1].
 
@@ -113,6 +118,7 @@ class PyiqaMetric(Metric):
 
         self.info = pyiqa_info(name)
         self.device = torch.device(device)
+        self.bytes_per_pixel = BYTES_PER_PIXEL.get(name, Metric.bytes_per_pixel)
         online = weights.is_online()
         if not online:
             weights.ensure_files(weights.metric_files(name) or (), f"metric {name}")
