@@ -8,7 +8,12 @@ Execution: a thread runner on this machine by default; with ``dask`` (``--dask``
 tasks run on a Dask cluster through prefect-dask, either an existing one (its scheduler
 address) or ``local:N``, a ``LocalCluster`` of N single-threaded worker processes on loopback.
 GPU-bound shards carry the Dask resource annotation ``GPU=1``, so they run only on workers
-started with ``--resources GPU=1``, one at a time per GPU.
+started with ``--resources GPU=1``, one at a time per GPU. ``local:N`` worker processes start
+with this process's malloc settings (``varlide.allocator``).
+
+Start-up: the Prefect API is the configured one or our temporary server (``flows.prefect_api``,
+which the CLI starts before its imports); while it boots, the thread runner's stages (models,
+measures) are built in a background thread, so the first shard finds them ready.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -30,9 +37,10 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from flows import prefect_api
 from tasks.runs import plan_run_task, record_run_task
 from tasks.shards import process_shard_task
-from varlide import progress
+from varlide import allocator, progress
 from varlide.config import Config, ConfigError
 from varlide.engine import worker_name
 from varlide.storage.runstore import RunStore
@@ -48,6 +56,22 @@ def _local_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def local_cluster(**kwargs: Any):
+    """``distributed.LocalCluster`` whose worker processes start with our malloc settings.
+
+    glibc reads ``MALLOC_*`` when a process starts, so the Nanny's ``env`` (set inside the
+    worker once it runs) is too late for them; Dask's ``pre-spawn-environ`` is set before the
+    spawn (and replaces Dask's own ``MALLOC_TRIM_THRESHOLD_`` default with ours).
+    """
+    import dask
+    from distributed import LocalCluster
+
+    pre = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}),
+           **allocator.worker_env()}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": pre}):
+        return LocalCluster(**kwargs)
+
+
 def task_runner_for(cfg: Config):
     """The flow's task runner: threads here (default), or Dask (``cfg.dask``)."""
     if not cfg.dask:
@@ -57,35 +81,36 @@ def task_runner_for(cfg: Config):
     if cfg.dask.startswith("local:"):
         kwargs: dict[str, Any] = {
             "n_workers": int(cfg.dask.removeprefix("local:")), "threads_per_worker": 1,
-            "processes": True, "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
+            "processes": True, "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0",
+            "env": allocator.worker_env()}
         if cfg.device != "cpu" and _local_cuda():  # each worker process shares this GPU
             kwargs["resources"] = {"GPU": 1}
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=kwargs)
     return DaskTaskRunner(address=cfg.dask)
 
 
-def _shared_api(cfg: Config) -> contextlib.AbstractContextManager:
-    """``local:N`` workers report to this process's Prefect API, not a temporary one each.
+@contextlib.contextmanager
+def _stages_ahead(cfg: Config) -> Iterator[None]:
+    """Build this process's stages in a thread while the Prefect API comes up (thread
+    runner only: Dask workers build their own). The shard task's ``get_stages`` then finds
+    them, or waits on the engine's lock; a failure here is left for the shard to report."""
+    if cfg.dask:
+        yield
+        return
+    from varlide.engine import get_stages
 
-    With no ``PREFECT_API_URL``, Prefect starts a temporary server per process; the flow's
-    settings travel to Dask workers with each task, so the flow runs with the URL of this
-    process's temporary server set. (A remote cluster needs a ``PREFECT_API_URL`` that its
-    workers can reach; loopback would not be.)
-    """
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_SERVER_EPHEMERAL_ENABLED,
-        temporary_settings,
-    )
+    def build() -> None:
+        try:
+            get_stages(cfg)
+        except Exception as exc:  # the shard task builds again and records the error
+            logging.getLogger(__name__).debug("stages ahead of the flow: %s", exc)
 
-    if (not (cfg.dask or "").startswith("local:") or PREFECT_API_URL.value()
-            or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()):
-        return contextlib.nullcontext()
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the one Prefect's client would start in this process
-    server.start()
-    return temporary_settings({PREFECT_API_URL: server.api_url})
+    thread = threading.Thread(target=build, name="varlide-stages", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
 
 
 def _shard_annotations(cfg: Config, logger) -> contextlib.AbstractContextManager:
@@ -183,7 +208,7 @@ def run_enhance(input_uri: str, output_uri: str, cfg: Config, fresh: bool = Fals
                 ) -> dict[str, Any]:
     """Run the flow: ``cfg.workers`` shards in flight here, or on Dask (``cfg.dask``)."""
     runner = task_runner_for(cfg)
-    with _shared_api(cfg):
+    with _stages_ahead(cfg), prefect_api():
         return enhance_flow.with_options(task_runner=runner)(
             input_uri, output_uri, cfg.model_dump(mode="json"), fresh)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -19,6 +20,8 @@ from varlide.storage.uri import filesystem
 
 def _dask_worker_threads() -> int | None:
     """The thread count of the Dask worker running this task, or None (not on Dask)."""
+    if "distributed" not in sys.modules:  # a Dask worker has it loaded; do not import it here
+        return None
     try:
         from distributed import get_worker
 

@@ -272,7 +272,7 @@ def test_backbone_option_is_in_the_run_id_and_the_rows(tmp_path, mlflow_sqlite):
         runs[name]["pixels"] = [np.asarray(Image.open(u), dtype=np.int16)
                                 for u in df["enhanced_uri"]]
     assert runs["denoise"]["run_id"] != runs["identity"]["run_id"]
-    assert runs["identity"]["version"] == {shipped["sha256"][:12]}
+    assert runs["identity"]["version"] == {f"{shipped['sha256'][:12]}+ds4"}
     assert runs["denoise"]["version"] == {f"{shipped['sha256'][:12]}+ds4+denoise-w1.5-k1"}
     diffs = [np.abs(a - b).mean() for a, b in zip(runs["denoise"]["pixels"],
                                                   runs["identity"]["pixels"], strict=True)]

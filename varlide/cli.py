@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Any
 
+from varlide import allocator
 from varlide.config import ConfigError, load_config
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
@@ -64,6 +65,9 @@ def _enhance_parser(sub: argparse._SubParsersAction) -> None:
                    help="apply EXIF orientation (default: keep the stored geometry)")
     p.add_argument("--reference", help="clean images with the same relative paths (psnr, ssim)")
     p.add_argument("--batch-size", type=int, help="images per batch on the device")
+    p.add_argument("--memory-budget", metavar="SIZE", help="bytes a shard in flight may hold "
+                   "in images and working tensors (e.g. 2GB, or off; default: half the "
+                   "available memory shared among the shards in flight, at most 1 GB)")
     p.add_argument("--iqa-max-side", type=int, help="long side cap for pyiqa measures")
     p.add_argument("--retries", type=int, help="retries of a failed shard (default 2)")
     p.add_argument("--experiment", help="MLflow experiment (default varlide-enhance)")
@@ -75,15 +79,26 @@ def _enhance_parser(sub: argparse._SubParsersAction) -> None:
 CONFIG_FLAGS = ("dataset", "shard_size", "run_id", "workers", "dask", "device", "enhancer",
                 "enhancer_weights", "prior", "prior_model", "prior_calibration", "metrics",
                 "enhance", "include", "exclude", "limit",
-                "format", "quality", "apply_exif", "reference", "batch_size", "iqa_max_side",
-                "retries", "experiment", "progress")
+                "format", "quality", "apply_exif", "reference", "batch_size", "memory_budget",
+                "iqa_max_side", "retries", "experiment", "progress")
+
+
+def _start_prefect_server() -> None:
+    """Boot the temporary Prefect server now, in parallel with the imports, weights checks
+    and planning still to come (nothing is started when ``PREFECT_API_URL`` is set)."""
+    from flows import start_temporary_server
+
+    start_temporary_server()
 
 
 def cmd_enhance(args: argparse.Namespace) -> int:
+    overrides = {k: getattr(args, k) for k in CONFIG_FLAGS}
+    cfg = load_config(args.config, overrides)
+    if not args.dry_run:
+        _start_prefect_server()
     from varlide.run import prepare_run
 
-    overrides = {k: getattr(args, k) for k in CONFIG_FLAGS}
-    cfg = _pin_registry_weights(load_config(args.config, overrides))
+    cfg = _pin_registry_weights(cfg)
     if args.dry_run:
         plan = prepare_run(args.input, args.output, cfg, fresh=args.fresh, write=False)
         print(plan.describe())
@@ -92,7 +107,7 @@ def cmd_enhance(args: argparse.Namespace) -> int:
         print("dry run: nothing written")
         return EXIT_OK
     _preflight(cfg)  # before the run starts, not in a worker
-    from flows.enhance import run_enhance
+    from flows.enhance import run_enhance  # its imports overlap the server's start
 
     summary = run_enhance(args.input, args.output, cfg, fresh=args.fresh)
     _print_summary(summary, args.json)
@@ -383,11 +398,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**fields)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid training configuration: {exc}") from None
+    _start_prefect_server()
+    from flows import prefect_api
     from flows.train import train_flow
     from varlide.run import canonical_uri
 
-    summary = train_flow(canonical_uri(args.data), canonical_uri(args.out), cfg.as_dict(),
-                         args.experiment)
+    with prefect_api():
+        summary = train_flow(canonical_uri(args.data), canonical_uri(args.out), cfg.as_dict(),
+                             args.experiment)
     print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
           f"({summary['steps_per_s']:.2f} steps/s); weights {summary['weights_uri']} "
           f"(version {summary['version']}); MLflow run {summary['mlflow_run_id']}")
@@ -476,14 +494,17 @@ def _eval_preflight(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    _start_prefect_server()
     pre = _eval_preflight(args)
+    from flows import prefect_api
     from flows.evaluate import eval_flow
 
-    result = eval_flow(pre["input_uri"], pre["reference_uri"], enhancers=pre["enhancers"],
-                       out=args.out, metrics=pre["metrics"], max_images=args.max_images,
-                       max_side=args.max_side, seeds=args.seeds, device=args.device,
-                       experiment=args.experiment, batch_size=args.batch_size,
-                       iqa_max_side=args.iqa_max_side)
+    with prefect_api():
+        result = eval_flow(pre["input_uri"], pre["reference_uri"], enhancers=pre["enhancers"],
+                           out=args.out, metrics=pre["metrics"], max_images=args.max_images,
+                           max_side=args.max_side, seeds=args.seeds, device=args.device,
+                           experiment=args.experiment, batch_size=args.batch_size,
+                           iqa_max_side=args.iqa_max_side)
     if args.json:
         print(json.dumps(result, indent=2, default=str, ensure_ascii=False))
         return EXIT_OK
@@ -643,9 +664,12 @@ def _retrain_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     params = _retrain_params(args)
+    _start_prefect_server()
+    from flows import prefect_api
     from flows.retrain import retrain_flow
 
-    s = retrain_flow(**params)
+    with prefect_api():
+        s = retrain_flow(**params)
     if args.json:
         print(json.dumps(s, indent=2, default=str))
         return EXIT_OK
@@ -718,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    allocator.tune()  # first: glibc fixes the arena limit when the second thread starts
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Prefect's temporary server can take > 20 s to start on a loaded machine
