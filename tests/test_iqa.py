@@ -124,7 +124,9 @@ def test_piqe_on_a_real_image(shared_data):
     assert torch.isfinite(s).all() and lo <= s.item() <= hi
     crops = torch.cat([x[..., :160, :200], x[..., -160:, -200:]])  # batch == singles
     assert torch.allclose(piqe(crops), torch.cat([piqe(crops[:1]), piqe(crops[1:])]))
-    assert piqe.net.lower_better is True  # pyiqa's own metadata agrees with metric_info
+    from varlide.iqa.pyiqa_metrics import PyiqaMetric
+
+    assert PyiqaMetric("piqe").net.lower_better is True  # pyiqa agrees with metric_info
 
 
 def test_metric_info_directions():

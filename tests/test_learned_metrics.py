@@ -33,7 +33,7 @@ def empty_caches(tmp_path, monkeypatch):
 def test_directions_and_ranges_come_from_pyiqa():
     expect = {"niqe": (True, False), "brisque": (True, False), "musiq": (False, False),
               "maniqa": (False, False), "clipiqa": (False, False), "lpips": (True, True),
-              "piqe": (True, False)}
+              "gmsd": (True, True)}
     for name, (lower, ref) in expect.items():
         info = metric_info(name)
         assert info.source == "pyiqa" and info.lower_better is lower, name
@@ -97,6 +97,7 @@ def test_pyiqa_measures_see_the_capped_size():
     _measure(Probe(), torch.rand(2, 3, 120, 200), 50)
     _measure(Probe(), torch.rand(2, 3, 40, 30), 50)  # never upscaled
     assert seen == [(30, 50), (40, 30)]
+    assert create_metric("piqe").capped and not create_metric("brightness").capped
 
 
 def _png_corpus(root, n=2):

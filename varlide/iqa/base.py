@@ -44,6 +44,12 @@ class Metric:
     # own implementations are costly (its PIQE ~390 B/px); ours override it.
     bytes_per_pixel: int = 400
 
+    @property
+    def capped(self) -> bool:
+        """Whether ``iqa_max_side`` applies (the measure sees an area-downscaled copy):
+        pyiqa's measures and our ``piqe`` (which overrides this); the analytic ones not."""
+        return self.info.source == "pyiqa"
+
     def __call__(
         self, images: torch.Tensor, reference: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 The run engine and ``varlide eval`` both measure through ``measure``, so a score means the
 same thing in a run's Parquet and in an evaluation table:
-- pyiqa measures see the batch downscaled to ``max_side`` (``iqa_max_side``; never upscaled);
-  the analytic ones see full resolution;
+- pyiqa measures and ``piqe`` (``Metric.capped``) see the batch downscaled to ``max_side``
+  (``iqa_max_side``; never upscaled); the analytic ones see full resolution;
 - on CPU, a full-reference measure whose value is the mean of a map made with a small valid
   window (pyiqa's ``ssim``) is called on horizontal strips of each image and the strip means
   are combined, weighted by their rows: the same value to ~1e-16, 4-8x faster, because the
@@ -121,7 +121,7 @@ def measure(metric: Metric, images: torch.Tensor, max_side: int | None = None,
 
 def _measure(metric: Metric, images: torch.Tensor, max_side: int | None,
              reference: torch.Tensor | None) -> list[float | None]:
-    if metric.info.source == "pyiqa":  # learned / pyiqa measures see the capped size
+    if getattr(metric, "capped", False):  # pyiqa measures and piqe see the capped size
         images = downscale(images, max_side)
         reference = None if reference is None else downscale(reference, max_side)
     window = None

@@ -1,4 +1,4 @@
-"""pyiqa metrics behind our registry: ``piqe``, ``psnr``, ``ssim``, and any other pyiqa name.
+"""pyiqa metrics behind our registry: ``psnr``, ``ssim``, and any other pyiqa name.
 
 Direction and range come from pyiqa's own table (``pyiqa.default_model_configs``, the
 source of ``InferenceModel.lower_better`` / ``.score_range``: ``lower_better`` defaults to
@@ -9,11 +9,10 @@ stays cheap; pyiqa itself is imported when a metric is built. pyiqa's ranges are
 ``(lo, hi)`` with ``math.inf`` for an open end, None when not a plain pair.
 
 Defaults (pyiqa 0.1.16), as documented:
-- ``piqe``: no reference, lower is better, [0, 100]; on the luma (YIQ Y) of the image; no
-  weights (works offline); per image, so a batch gives the values of its singles. It is
-  a MATLAB-exact port; cost on CPU (shared 2-core dev box, torch 2.14, ``_bench`` below,
-  median of 5): 14-23 ms per 320x240 image and 110-210 ms per 1280x720 image when the box
-  is quiet (1 or 2 threads alike; up to 4x more under load), roughly linear in pixels.
+- ``piqe`` is ours (``varlide.iqa.piqe``: pyiqa's definition in bands, equal to it to
+  1e-6); pyiqa's own stays reachable as ``PyiqaMetric('piqe')``, the tests' reference.
+  Its cost on CPU (2-core dev box, torch 2.14, ``_bench`` below): 110-210 ms per 1280x720
+  image when the box is quiet, ~140 bytes per pixel.
 - ``psnr``: ``test_y_channel=False``, i.e. over all three RGB channels, data range 1.
   pyiqa adds eps = 1e-8 to the MSE, so identical images give exactly 80 dB (finite), and
   [0, 80] is the exact range for inputs in [0, 1] (pyiqa's table says '~0, ~40', typical).
@@ -180,7 +179,7 @@ class _PyiqaFactory:
         return PyiqaMetric(self.name, device=device, **kwargs)
 
 
-for _name in ("piqe", "psnr", "ssim"):
+for _name in ("psnr", "ssim"):
     METRICS.register(_name)(_PyiqaFactory(_name))
 
 
