@@ -92,3 +92,19 @@ def median_seconds(fn: Callable[[], object], device: torch.device, iters: int,
                     fn()
                 runs.append((time.perf_counter() - t) / iters)
     return statistics.median(runs)
+
+
+def own_peak_rss() -> int:
+    """This process's own peak RSS in bytes (``VmHWM``). Not ``ru_maxrss``: Linux carries
+    that across ``fork`` + ``exec``, so a child started by a big parent reports the
+    parent's size; ``VmHWM`` belongs to the new address space. Falls back to ``ru_maxrss``
+    where ``/proc`` is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

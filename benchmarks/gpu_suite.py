@@ -8,9 +8,8 @@ table beside the measured anchors (shared/reference/ANCHORS.md, one H100).
 Needs only Python 3.12, torch, torchvision, numpy and Pillow (module level imports: those).
 No Prefect, MLflow, pyiqa, pydantic, yaml, fsspec or safetensors: the varlide modules are
 imported inside functions, and where the library's own path needs a missing package the
-suite says so and takes another way (a bare ``varlide.priors`` package when its
-``__init__`` fails to import; the shipped weights read by the small safetensors reader here
-when ``from_pretrained`` cannot import fsspec / safetensors).
+suite says so and takes another way (the shipped weights read by the small safetensors
+reader here when ``from_pretrained`` cannot import fsspec / safetensors).
 
 What runs, per batch size (default 32 and 64) on a corpus it makes in memory (default 512
 synthetic night-like 1280x720 JPEGs at quality 90): decode (``varlide.imaging.gpu``,
@@ -83,17 +82,6 @@ NOTES: list[str] = []
 
 def import_core() -> types.SimpleNamespace:
     """The varlide modules the suite uses, importable on a bare machine (see NOTES)."""
-    try:
-        import varlide.priors  # noqa: F401
-    except ImportError as exc:
-        # varlide/priors/__init__.py imports the CLIP prior, which imports varlide.config
-        # (yaml, pydantic). The analytic prior needs neither: a bare package skips __init__.
-        for name in [m for m in sys.modules if m.startswith("varlide.priors")]:
-            del sys.modules[name]
-        pkg = types.ModuleType("varlide.priors")
-        pkg.__path__ = [str(REPO / "varlide" / "priors")]
-        sys.modules["varlide.priors"] = pkg
-        NOTES.append(f"import varlide.priors failed ({exc}); its __init__ was bypassed")
     from varlide.imaging import gpu
     from varlide.imaging.decode import decode_image
     from varlide.iqa.base import create_metric

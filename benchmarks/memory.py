@@ -55,16 +55,18 @@ elif stage.startswith("varlide-lite"):
     fn = lambda: obj.enhance(x, v, b)
 else:
     obj = create_metric(stage); fn = lambda: obj(x)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from benchmarks._common import own_peak_rss
+base = own_peak_rss()
 with torch.inference_mode():
     fn()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = own_peak_rss()
 print(json.dumps({"stage": stage, "bytes_per_pixel": (peak - base) / x[0, 0].numel(),
                   "declared": getattr(obj, "bytes_per_pixel", None)}))
 '''
 
 _JOB = r'''
 import json, os, resource, sys, time
+from benchmarks._common import own_peak_rss
 if os.environ.get("VARLIDE_MALLOC") != "system":
     from varlide import allocator; allocator.tune()
 from varlide.config import load_config
@@ -79,7 +81,7 @@ for shard in plan.pending:
 dt, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"images": plan.images, "seconds": dt, "img_s": plan.images / dt,
                   "user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime,
-                  "minflt": r1.ru_minflt - r0.ru_minflt, "peak_rss": r1.ru_maxrss * 1024}))
+                  "minflt": r1.ru_minflt - r0.ru_minflt, "peak_rss": own_peak_rss()}))
 '''
 
 
@@ -105,8 +107,11 @@ def make_frames(folder: Path, n: int, size: tuple[int, int]) -> None:
 
 
 def _child(code: str, *args: str, env: dict | None = None) -> dict:
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {}),
+                               "PYTHONPATH": path})
     if proc.returncode:
         raise SystemExit(f"child failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -155,6 +155,7 @@ def _memory_cgroup(limit: int) -> tuple[Path, str] | None:
 @pytest.mark.slow
 def test_default_job_on_1080p_frames_stays_inside_2_5_gb(tmp_path, mlflow_sqlite):
     _photo_frames(tmp_path / "frames", 16, (1920, 1080), _shared())
+    _photo_frames(tmp_path / "frames" / "uhd", 1, (3840, 2160), _shared())
     _photo_frames(tmp_path / "frames" / "huge", 1, (8000, 6000), _shared())
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -179,8 +180,8 @@ def test_default_job_on_1080p_frames_stays_inside_2_5_gb(tmp_path, mlflow_sqlite
                 pass
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = pd.read_parquet(out / "scores")
-    assert len(rows) == 17
-    frames = rows[~rows["rel_path"].str.startswith("huge/")]
+    assert len(rows) == 18
+    frames = rows[~rows["rel_path"].str.startswith("huge/")]  # incl. the 4K one: it fits
     assert set(frames["status"]) == {"ok"}, frames["error"].dropna().tolist()
     assert frames["enhanced_uri"].notna().all()
     huge = rows[rows["rel_path"] == "huge/frame-000.jpg"].iloc[0]

@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from varlide.prompts import DEFAULT_CLIP_BLUR_PROMPTS, DEFAULT_CLIP_VISIBILITY_PROMPTS
+
 DEFAULT_METRICS = (
     "brightness",
     "contrast",
@@ -32,22 +34,6 @@ DEFAULT_METRICS = (
     "piqe",
 )
 DEFAULT_REFERENCE_METRICS = ("psnr", "ssim")
-# CLIP prior prompt ensembles (varlide/priors/clip.py, docs/METHOD.md "Priors"): antonym
-# pairs, each [the attribute's high end, its low end]; v = P(first) for visibility pairs
-# (bright ...), b = P(first) for blur pairs (blurry ...), averaged over the pairs.
-DEFAULT_CLIP_VISIBILITY_PROMPTS = (
-    ("a bright photo.", "a dark photo."),
-    ("a well-lit photo.", "an underexposed photo."),
-    ("a photo with good lighting.", "a photo taken in low light."),
-    ("a clearly visible scene.", "a barely visible scene."),
-)
-DEFAULT_CLIP_BLUR_PROMPTS = (
-    ("a blurry photo.", "a sharp photo."),
-    ("an out-of-focus photo.", "an in-focus photo."),
-    ("a photo with motion blur.", "a crisp photo."),
-    ("blurry edges.", "sharp edges."),
-)
-
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""

@@ -70,7 +70,16 @@ class CurveNet(nn.Module):
         self.conv7 = conv(2 * width, 3 * n_maps)
 
     def estimate(self, x: torch.Tensor) -> torch.Tensor:
-        """The maps at the resolution of ``x`` (no rescaling)."""
+        """The maps at the resolution of ``x`` (no rescaling), NCHW.
+
+        On CPU the convolutions run channels-last (oneDNN's NHWC kernels: ~30 % faster for
+        these 32-channel layers on the 2-core AVX-512 dev box, same values to ~5e-7);
+        on CUDA the caller picks the layout (``VarlideLite(channels_last=...)``)."""
+        if x.device.type == "cpu" and not x.is_contiguous(memory_format=torch.channels_last):
+            return self._estimate(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self._estimate(x)
+
+    def _estimate(self, x: torch.Tensor) -> torch.Tensor:
         x1 = F.relu(self.conv1(x))
         x2 = F.relu(self.conv2(x1))
         x3 = F.relu(self.conv3(x2))

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from varlide import weights
-from varlide.config import DEFAULT_CLIP_BLUR_PROMPTS, DEFAULT_CLIP_VISIBILITY_PROMPTS
 from varlide.priors.base import PRIORS, Prior, PriorScores
+from varlide.prompts import DEFAULT_CLIP_BLUR_PROMPTS, DEFAULT_CLIP_VISIBILITY_PROMPTS
 
 log = logging.getLogger(__name__)
 
