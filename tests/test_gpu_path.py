@@ -278,4 +278,213 @@ def test_suite_quick_cpu_run_without_the_heavy_packages():
     assert "check FAIL" not in out and "check ok" in out
     # the bare-machine detours were taken, and said so
     assert "weights read by the suite's reader" in out
-    assert "import varlide.priors failed" in out
+    assert "import varlide.priors failed" not in out  # priors import on a bare machine
+
+
+# --------------------------------------------------------------------------- the engine
+
+SIZES = ((48, 64), (60, 80))  # (h, w): two buckets of JPEG frames
+EXACT = ("status", "error", "width", "height", "exif_applied", "sha256", "size_bytes",
+         "enhancer", "route")  # equal in every run (route: in exact runs)
+
+
+def _shard_corpus(folder: Path) -> None:
+    """6 JPEG frames of 2 sizes; of a frame's size (same batch): an 8-bit and a 16-bit PNG,
+    a progressive JPEG (all decoded in the I/O pool) and a bad-Huffman JPEG (its header
+    sends it to the batched decoder, which refuses it); a JPEG with EXIF orientation 6 (the
+    pool rotates it with ``apply_exif``, else the lane decodes it); a truncated JPEG and a
+    non-image."""
+    folder.mkdir(parents=True)
+    for i in range(6):
+        h, w = SIZES[i % 2]
+        Image.fromarray(_photo(h, w, seed=i)).save(folder / f"f{i}.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_photo(*SIZES[1], seed=11)).save(folder / "rotated.jpg", quality=90,
+                                                     exif=exif.tobytes())
+    frame = Image.fromarray(_photo(*SIZES[0], seed=9))
+    frame.save(folder / "p.png")
+    Image.fromarray(_photo(*SIZES[0], seed=10)[..., 0].astype(np.uint16) * 257).save(
+        folder / "p16.png")
+    frame.save(folder / "progressive.jpg", quality=90, progressive=True)
+    jpeg = _save(frame, "JPEG", quality=90)
+    (folder / "bad_huffman.jpg").write_bytes(_bad_huffman(jpeg))
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "notes.jpg").write_bytes(b"not an image at all, just some text\n")
+
+
+def _run_shard(corpus: Path, out: Path, monkeypatch, device_io: bool, **overrides):
+    """Rows (by rel_path) and enhanced files (by rel_path) of one run through
+    ``process_shard`` with the device-I/O switch as given."""
+    import pandas as pd
+
+    from varlide.config import load_config
+    from varlide.engine import process_shard
+    from varlide.run import prepare_run
+
+    monkeypatch.setenv("VARLIDE_DEVICE_IO", "1" if device_io else "0")
+    cfg = load_config(overrides={"progress": False, "decode_threads": 2, **overrides})
+    plan = prepare_run(str(corpus), str(out), cfg, fresh=True)
+    for shard in plan.pending:
+        process_shard(plan.job(shard))
+    rows = pd.read_parquet(out / "scores").sort_values("rel_path").set_index("rel_path")
+    enhanced = {p.relative_to(out).as_posix(): p.read_bytes()
+                for p in out.rglob("*") if p.is_file() and p.suffix in (".jpg", ".png")}
+    return rows, enhanced
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def _compare_runs(a, b, rtol: float = 0.0, pixel_mean: float = 0.0) -> None:
+    """Same rows and enhanced files. Exact (``rtol`` 0): every compared column equal and
+    the files' bytes equal. Else status, error, geometry and hash equal, scores within
+    ``rtol`` (+ 0.01 absolute), mean |pixel diff| of each file <= ``pixel_mean``; route and
+    iterations may then differ (a score at a threshold)."""
+    (rows_a, files_a), (rows_b, files_b) = a, b
+    exact = rtol == 0 and pixel_mean == 0
+    assert list(rows_a.index) == list(rows_b.index)
+    scores = [c for c in rows_a.columns if c.startswith("q_")]
+    assert len(scores) >= 4
+    for col in EXACT if exact else EXACT[:-1]:
+        assert rows_a[col].equals(rows_b[col]), (col, rows_a[col], rows_b[col])
+    for col in [*scores, "visibility", "blur", *(["n_iter", "phase_strength"] * exact)]:
+        x, y = rows_a[col].astype(float), rows_b[col].astype(float)
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=0 if exact else 0.01,
+                                   equal_nan=True, err_msg=col)
+    assert rows_a["enhanced_uri"].isna().equals(rows_b["enhanced_uri"].isna())
+    assert sorted(files_a) == sorted(files_b) and files_a
+    for name, data in files_a.items():
+        if exact:
+            assert data == files_b[name], name
+        else:
+            diff = np.abs(_pixels(data) - _pixels(files_b[name]))
+            assert diff.mean() <= pixel_mean, (name, diff.mean())
+
+
+def _expected_statuses(rows) -> None:
+    errors = rows.loc[rows["status"] == "error", "error"].to_dict()
+    assert set(errors) == {"bad_huffman.jpg", "notes.jpg", "truncated.jpg"}, errors
+    assert errors["truncated.jpg"].startswith("truncated image: ")
+    assert errors["bad_huffman.jpg"].startswith("corrupt image: ")
+    assert errors["notes.jpg"].startswith("not an image: ")
+    assert rows.loc["bad_huffman.jpg", ["width", "height"]].isna().all()
+    assert rows["sha256"].notna().all()
+    assert rows.loc["p16.png", ["width", "height"]].tolist() == [64, 48]
+
+
+@pytest.fixture(scope="module")
+def shard_corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("device-io") / "in"
+    _shard_corpus(folder)
+    return folder
+
+
+@pytest.mark.parametrize("overrides", [
+    # every output encoded by the lanes; the rotated JPEG to the pool; the inputs as their
+    # own references (full-reference measures on both sides)
+    {"enhancer": "classic-curve", "format": "jpeg", "apply_exif": True, "reference": "IN"},
+    {},  # the default enhancer and measures; 'same': JPEG and PNG outputs in one batch
+], ids=["classic-curve-jpeg-exif-ref", "default"])
+def test_device_io_on_cpu_gives_the_cpu_paths_rows_and_files(shard_corpus, tmp_path,
+                                                             monkeypatch, overrides):
+    if overrides.get("reference") == "IN":
+        overrides = {**overrides, "reference": str(shard_corpus)}
+    calls = _spy(monkeypatch)
+    cpu = _run_shard(shard_corpus, tmp_path / "cpu", monkeypatch, False, device="cpu",
+                     **overrides)
+    assert calls == {"decoded": 0, "encoded": 0}  # off: today's path, Pillow in the pool
+    dev = _run_shard(shard_corpus, tmp_path / "dev", monkeypatch, True, device="cpu",
+                     **overrides)
+    # on: the 6 frames, the bad-Huffman file and (without apply_exif) the rotated one
+    # decoded by the lanes, not the PNGs nor the progressive JPEG; JPEG outputs encoded
+    # there (all 10 with format jpeg, else all but the PNGs': the writer encodes those)
+    exif = overrides.get("apply_exif", False)
+    assert calls == {"decoded": 7 if exif else 8, "encoded": 10 if exif else 8}
+    _expected_statuses(cpu[0])
+    rotated = cpu[0].loc["rotated.jpg"]
+    assert (rotated["width"], rotated["height"], rotated["exif_applied"]) == \
+        ((60, 80, True) if exif else (80, 60, False))
+    if "reference" in overrides:
+        assert cpu[0].loc["f0.jpg", "q_psnr_in"] >= 60  # itself as reference (capped)
+    _compare_runs(cpu, dev)
+    _compare_runs(cpu, dev, rtol=0.05, pixel_mean=4.0)  # the CUDA test's comparison runs
+
+
+def _spy(monkeypatch) -> dict[str, int]:
+    """Counts of files through ``gpu.decode_batch_images`` and ``gpu.encode_jpeg_batch``."""
+    calls = {"decoded": 0, "encoded": 0}
+    decode, encode = gpu.decode_batch_images, gpu.encode_jpeg_batch
+
+    def decoding(datas, *args, **kwargs):
+        calls["decoded"] += len(datas)
+        return decode(datas, *args, **kwargs)
+
+    def encoding(images, *args, **kwargs):
+        calls["encoded"] += len(images)
+        return encode(images, *args, **kwargs)
+
+    monkeypatch.setattr(gpu, "decode_batch_images", decoding)
+    monkeypatch.setattr(gpu, "encode_jpeg_batch", encoding)
+    return calls
+
+
+def test_device_io_keeps_jpeg_bytes_for_the_lane(shard_corpus, monkeypatch):
+    """A JPEG the device decodes waits as its compressed bytes with its header's size (the
+    ledger's bytes); a PNG is decoded in the pool as on the CPU path."""
+    from varlide.config import load_config
+    from varlide.engine import _read_and_decode
+    from varlide.run import prepare_run
+
+    cfg = load_config(overrides={"progress": False, "device": "cpu"})
+    plan = prepare_run(str(shard_corpus), str(shard_corpus.parent / "out"), cfg, fresh=True)
+    job = plan.job(plan.pending[0])
+    by_name = {f.rel_path: f for f in job.shard.files}
+    kept = _read_and_decode(job, cfg, by_name["f1.jpg"], device_io=True)
+    data = (shard_corpus / "f1.jpg").read_bytes()
+    assert kept.image is None and kept.data == data and kept.ready
+    assert kept.size() == SIZES[1] and kept.waiting_bytes() == len(data)
+    assert (kept.row["width"], kept.row["height"]) == SIZES[1][::-1]
+    png = _read_and_decode(job, cfg, by_name["p.png"], device_io=True)
+    assert png.data is None and png.image is not None
+    assert png.waiting_bytes() == png.image.pixels.nbytes
+    for name in ("f1.jpg", "p.png"):
+        off = _read_and_decode(job, cfg, by_name[name])
+        assert off.data is None and off.image is not None
+
+
+def test_device_io_too_big_for_the_budget_by_its_header(tmp_path, monkeypatch):
+    """The ledger prices a kept JPEG from its header: one the budget cannot hold gets the
+    CPU path's error row (with its size) before any pixel is decoded."""
+    folder = tmp_path / "in"
+    (folder / "big").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(_photo(240, 320, seed=i)).save(folder / f"f{i}.jpg", quality=90)
+    Image.fromarray(_photo(1500, 2000, seed=3)).save(folder / "big" / "f.jpg", quality=90)
+    calls = _spy(monkeypatch)
+    runs = [_run_shard(folder, tmp_path / name, monkeypatch, on, device="cpu",
+                       enhancer="classic-curve", memory_budget="64MB")
+            for name, on in (("off", False), ("on", True))]
+    assert calls["decoded"] == 2  # the big one never reached a lane
+    rows = runs[1][0]
+    assert rows["status"].to_dict() == {"big/f.jpg": "error", "f0.jpg": "ok", "f1.jpg": "ok"}
+    assert "too large for the memory budget: 2000x1500" in rows.loc["big/f.jpg", "error"]
+    assert rows["width"].tolist() == [2000, 320, 320]
+    # the cost in its message counts the file's bytes waiting, not its decoded pixels
+    off, on = (r[0].loc["big/f.jpg", "error"] for r in runs)
+    assert off.split(" needs ")[0] == on.split(" needs ")[0]
+    for r in runs:
+        r[0].loc["big/f.jpg", "error"] = "too large"
+    _compare_runs(*runs)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_device_io_on_cuda_is_close_to_the_cpu_decode(shard_corpus, tmp_path, monkeypatch):
+    """nvJPEG decodes (and encodes, 4:4:4) a few levels away from Pillow: same rows and
+    statuses, scores and pixels within a tolerance."""
+    overrides = {"enhancer": "classic-curve", "device": "cuda"}
+    off = _run_shard(shard_corpus, tmp_path / "off", monkeypatch, False, **overrides)
+    on = _run_shard(shard_corpus, tmp_path / "on", monkeypatch, True, **overrides)
+    _expected_statuses(on[0])
+    _compare_runs(off, on, rtol=0.05, pixel_mean=4.0)

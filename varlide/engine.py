@@ -10,6 +10,12 @@ How the work is overlapped (CPU and GPU alike):
 - decoded images wait in per-size buckets; a full bucket (``batch_size``) becomes one batch
   through prior, enhancer and metrics on the device;
 - encoding + writing enhanced images runs behind compute in the same kind of pool;
+- device I/O (on for CUDA, ``VARLIDE_DEVICE_IO``: :func:`device_io_enabled`): the pool only
+  reads and hashes a JPEG that ``varlide.imaging.gpu`` decodes on the device, keeping its
+  bytes and header size (the ledger holds the compressed bytes); the compute lane decodes
+  the batch in one call (a file that fails gets the CPU decoder's error row) and encodes
+  JPEG outputs in one call (nvJPEG), so the writer only writes them. Other files and PNG
+  outputs go through Pillow as on CPU;
 - on CPU, batches are computed in several lanes at once (threads, each batch with torch's
   intra-op threads divided among the lanes: 2 lanes x 1 thread on a 2-core machine), not one
   batch at a time with every core on each op. Most ops here are small (a (B,) bisection,
@@ -37,25 +43,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from varlide import allocator
 from varlide.config import Config
-from varlide.imaging.decode import DecodedImage, DecodeError, decode_image
+from varlide.imaging.decode import DecodedImage, DecodeError, decode_image, pixels_as_float
 from varlide.imaging.encode import encode_image
 from varlide.iqa.base import Metric, create_metric
 from varlide.iqa.measure import measure
 from varlide.memory import default_budget, format_size, image_cost, workspace_for
-from varlide.models.base import Enhancer, create_enhancer
+from varlide.models.base import Enhancer, EnhanceResult, create_enhancer
 from varlide.priors.base import Prior
 from varlide.priors.calibration import prior_for_run
 from varlide.storage.plan import PlannedFile, Shard
 from varlide.storage.results import SCHEMA_VERSION, write_rows
 from varlide.storage.runstore import RunStore
 from varlide.storage.uri import UnsafePathError, filesystem, join, write_bytes
+
+if TYPE_CHECKING:
+    from varlide.imaging.gpu import DeviceImage  # torchvision: imported when device I/O runs
 
 log = logging.getLogger(__name__)
 
@@ -183,23 +192,67 @@ def clear_stage_cache() -> None:
 
 # --------------------------------------------------------------------------- decode
 
+DEVICE_IO_ENV = "VARLIDE_DEVICE_IO"
+
+
+def device_io_enabled(device: torch.device) -> bool:
+    """Whether JPEGs are decoded, and JPEG outputs encoded, in the compute lane by
+    ``varlide.imaging.gpu`` (one batched call each) instead of by Pillow in the I/O pool.
+
+    Why: on CUDA Pillow decodes ~110 frames/s per thread against ~11,500 for batched nvJPEG,
+    so CPU decode would be the bottleneck. The one place ``VARLIDE_DEVICE_IO`` is read:
+    ``1`` on, ``0`` off, unset: on for CUDA, off for CPU. On CPU, ``1`` runs the same code
+    with torchvision's CPU decoder (Pillow's pixels) and Pillow's encoder: how the tests
+    cover the CUDA path without a GPU.
+    """
+    value = os.environ.get(DEVICE_IO_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return device.type == "cuda"
+
 
 @dataclass
 class Loaded:
-    """One input after read + decode (``image`` None when it failed)."""
+    """One input after read + decode. ``image`` is None when it failed (its row says why),
+    or, with device I/O, while ``data`` waits to be decoded with its batch."""
 
     file: PlannedFile
     row: dict[str, Any]
     image: DecodedImage | None = None
     reference: np.ndarray | None = None
     cost: int = 0  # bytes held in the shard's memory budget (``varlide.memory.image_cost``)
+    data: bytes | None = None  # the file, undecoded until its batch (device I/O)
+    header_size: tuple[int, int] = (0, 0)  # (height, width) of ``data``'s JPEG header
+
+    @property
+    def ready(self) -> bool:
+        """Decoded, or due to be decoded with its batch; else it has its error row."""
+        return self.image is not None or self.data is not None
+
+    def size(self) -> tuple[int, int]:
+        """(height, width) for buckets and the ledger: the image's, else the header's."""
+        if self.image is not None:
+            return self.image.height, self.image.width
+        return self.header_size
 
     def waiting_bytes(self) -> int:
+        """Bytes held until the batch runs: pixels, or the compressed file (device I/O)."""
         ref = 0 if self.reference is None else self.reference.nbytes
-        return (0 if self.image is None else self.image.pixels.nbytes) + ref
+        if self.image is not None:
+            return self.image.pixels.nbytes + ref
+        return (0 if self.data is None else len(self.data)) + ref
+
+    def release(self) -> None:
+        """Drop pixels and bytes (memory freed early); the row stays."""
+        self.image = self.reference = self.data = None
 
 
-def _read_and_decode(job: ShardJob, cfg: Config, file: PlannedFile) -> Loaded:
+def _read_and_decode(job: ShardJob, cfg: Config, file: PlannedFile,
+                     device_io: bool = False) -> Loaded:
+    """Read, hash and decode one file (I/O pool). With ``device_io`` a JPEG the device
+    decodes is only read: its pixels come from its batch's one decode call."""
     row: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "run_id": job.run_id, "dataset": job.dataset,
         "shard": job.shard.index, "rel_path": file.rel_path, "size_bytes": file.size,
@@ -207,42 +260,72 @@ def _read_and_decode(job: ShardJob, cfg: Config, file: PlannedFile) -> Loaded:
     }
     loaded = Loaded(file=file, row=row)
     t0 = time.perf_counter()
+    data = _read(job, file, row)
+    if data is None:
+        return loaded
+    if file.out_error:
+        row.update(status="error", error=file.out_error)
+        return loaded
+    if not (device_io and _keep_for_device(loaded, data, cfg)):
+        image = _decode_on_cpu(data, cfg, row)
+        del data
+        if image is None:
+            return loaded
+        row.update(width=image.width, height=image.height, exif_applied=image.exif_applied)
+        loaded.image = image
+    row["decode_ms"] = (time.perf_counter() - t0) * 1000
+    if cfg.reference:
+        loaded.reference = _load_reference(cfg, file.rel_path, *loaded.size())
+    return loaded
+
+
+def _read(job: ShardJob, file: PlannedFile, row: dict[str, Any]) -> bytes | None:
+    """The file's bytes, its ``source_uri``, ``size_bytes`` and ``sha256`` in ``row``; None
+    with an error row when it cannot be read (an unsafe key, permissions, I/O error)."""
     try:
         source = join(job.input_uri, file.rel_path)
     except UnsafePathError as exc:  # a key like 'a/../../x.png' on an object store
         row.update(status="error", error=str(exc))
-        return loaded
+        return None
     row["source_uri"] = source
     try:
         fs, path = filesystem(source)
         data = fs.cat_file(path)
     except Exception as exc:  # unreadable: permissions, vanished, I/O error
         row.update(status="error", error=f"unreadable: {type(exc).__name__}: {exc}")
-        return loaded
+        return None
     row["size_bytes"] = len(data)
     row["sha256"] = hashlib.sha256(data).hexdigest()
-    if file.out_error:
-        row.update(status="error", error=file.out_error)
-        return loaded
+    return data
+
+
+def _decode_on_cpu(data: bytes, cfg: Config, row: dict[str, Any]) -> DecodedImage | None:
+    """Pillow's decode (``decode_image``), or None with the error row a bad file gets."""
     try:
-        image = decode_image(data, apply_exif=cfg.apply_exif, max_pixels=cfg.max_pixels,
-                             keep_uint8=True)
-        del data
+        return decode_image(data, apply_exif=cfg.apply_exif, max_pixels=cfg.max_pixels,
+                            keep_uint8=True)
     except DecodeError as exc:
         row.update(status="error", error=str(exc))
-        return loaded
     except Exception as exc:  # a decoder bug must still give a row, never a crash
         row.update(status="error", error=f"decode failed: {type(exc).__name__}: {exc}")
-        return loaded
-    row.update(width=image.width, height=image.height, exif_applied=image.exif_applied)
-    row["decode_ms"] = (time.perf_counter() - t0) * 1000
-    loaded.image = image
-    if cfg.reference:
-        loaded.reference = _load_reference(cfg, file.rel_path, image)
-    return loaded
+    return None
 
 
-def _load_reference(cfg: Config, rel_path: str, image: DecodedImage) -> np.ndarray | None:
+def _keep_for_device(loaded: Loaded, data: bytes, cfg: Config) -> bool:
+    """Keep ``data`` undecoded when the device decoder takes it; its header's size goes to
+    the row and the ledger now (the decoded size, the same, replaces it later)."""
+    from varlide.imaging.gpu import device_header
+
+    header = device_header(data, cfg.max_pixels, cfg.apply_exif)
+    if header is None:
+        return False
+    loaded.data, loaded.header_size = data, (header.height, header.width)
+    loaded.row.update(width=header.width, height=header.height, exif_applied=False)
+    return True
+
+
+def _load_reference(cfg: Config, rel_path: str, height: int,
+                    width: int) -> np.ndarray | None:
     """The clean image for full-reference measures, or None (absent, unreadable, other size)."""
     try:
         fs, path = filesystem(join(cfg.reference, rel_path))
@@ -251,19 +334,23 @@ def _load_reference(cfg: Config, rel_path: str, image: DecodedImage) -> np.ndarr
     except (FileNotFoundError, DecodeError, OSError) as exc:
         log.warning("reference for %s unusable: %s", rel_path, exc)
         return None
-    if (ref.height, ref.width) != (image.height, image.width):
+    if (ref.height, ref.width) != (height, width):
         log.warning("reference for %s has another size (%dx%d vs %dx%d); skipped", rel_path,
-                    ref.width, ref.height, image.width, image.height)
+                    ref.width, ref.height, width, height)
         return None
     return ref.pixels
 
 
 # --------------------------------------------------------------------------- compute
 
+Output = np.ndarray | bytes | None  # uint8 HWC for the writer to encode, or encoded bytes
+
 
 def _to_batch(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
     """``(B, 3, H, W)`` float32 in [0, 1] on ``device`` from decoded HWC arrays (uint8 are
     divided by 255 after the upload: the values ``decode_image`` gives as float32)."""
+    if len({a.dtype for a in arrays}) > 1:  # uint8 and float32 images of one size: np.stack
+        arrays = [pixels_as_float(a) for a in arrays]  # would upcast without the / 255
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     if device.type == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)
@@ -272,10 +359,11 @@ def _to_batch(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
     return batch.float().contiguous()
 
 
-def _to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """``(B, 3, H, W)`` float -> ``(B, H, W, 3)`` uint8 numpy, exactly as
-    ``varlide.imaging.encode.to_uint8`` rounds (x 255, + 0.5, NaN -> 0, clip, truncate)."""
-    out = np.empty((images.shape[0], *images.shape[2:], 3), dtype=np.uint8)
+def _to_uint8_hwc(images: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
+    """``(B, 3, H, W)`` float (or a list of same-size ``(3, H, W)``) -> ``(B, H, W, 3)``
+    uint8 numpy, exactly as ``varlide.imaging.encode.to_uint8`` rounds (x 255, + 0.5,
+    NaN -> 0, clip, truncate)."""
+    out = np.empty((len(images), *images[0].shape[1:], 3), dtype=np.uint8)
     for i, image in enumerate(images):  # one image's temporaries at a time
         x = image.float().mul(255.0).add_(0.5).nan_to_num_(0.0).clamp_(0.0, 255.0)
         out[i] = x.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
@@ -288,13 +376,79 @@ def _sync(device: torch.device) -> None:
 
 
 def _run_batch(batch: list[Loaded], stages: Stages, cfg: Config,
-               workspace: int | None = None) -> list[np.ndarray | None]:
+               workspace: int | None = None, device_io: bool = False) -> list[Output]:
     """Prior, enhancer and measures for images of one size; fills rows, returns outputs
-    (uint8 HWC, what the writer encodes). ``workspace``: bytes a measure's call may take."""
+    (what the writer writes, None where there is none). ``workspace``: bytes a measure's call
+    may take. ``device_io``: the batch's kept JPEGs are decoded here in one call (a file
+    that fails gets its error row and no output) and JPEG outputs encoded here."""
+    if not device_io:
+        images = _to_batch([item.image.pixels for item in batch], stages.device)
+        return _compute(batch, images, stages, cfg, workspace)
+    from varlide.imaging.gpu import to_float_batch
+
+    outputs: list[Output] = [None] * len(batch)
+    for idx, pixels in _decode_on_device(batch, stages.device, cfg):
+        got = _compute([batch[i] for i in idx], to_float_batch(pixels), stages, cfg,
+                       workspace, encode_jpeg=True)
+        for i, out in zip(idx, got, strict=True):
+            outputs[i] = out
+    return outputs
+
+
+def _decode_on_device(batch: list[Loaded], device: torch.device,
+                      cfg: Config) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """The batch's ``(3, H, W)`` pixels on ``device``, grouped by size as (indices into
+    ``batch``, tensors), in batch order: kept files decoded in one ``decode_batch_images``
+    call, those the I/O pool decoded (PNG, progressive ...) copied up. A file that fails is
+    in no group; its row is the CPU decoder's error row."""
+    from varlide.imaging.gpu import decode_batch_images, host_to_device
+
+    todo = [i for i, item in enumerate(batch) if item.data is not None]
+    t0 = time.perf_counter()
+    try:  # bad data never raises here (per-file fallbacks); this is the device failing
+        decoded = decode_batch_images([batch[i].data for i in todo], device, cfg.max_pixels,
+                                      apply_exif=cfg.apply_exif) if todo else []
+        _sync(device)
+    except Exception as exc:
+        raise StageError(f"decode failed on a batch of {len(todo)} "
+                         f"({batch[0].file.rel_path} ...): {type(exc).__name__}: {exc}") from exc
+    share_ms = (time.perf_counter() - t0) * 1000 / max(1, len(todo))
+    pixels = {i: _take_decoded(batch[i], got, share_ms)
+              for i, got in zip(todo, decoded, strict=True)}
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(batch):
+        if item.image is not None:
+            pixels[i] = host_to_device(item.image.pixels, device)
+        if pixels.get(i) is not None:
+            groups.setdefault(tuple(pixels[i].shape), []).append(i)
+    return [(idx, [pixels[i] for i in idx]) for idx in groups.values()]
+
+
+def _take_decoded(item: Loaded, got: DeviceImage | str, share_ms: float) -> torch.Tensor | None:
+    """Record one device-decoded file (a ``DeviceImage``, or an error string) in its row, as
+    the CPU path records it; its pixels, or None when it failed."""
+    item.data = None
+    row = item.row
+    if isinstance(got, str):  # no geometry in the row, as when Pillow fails in the pool
+        for key in ("width", "height", "exif_applied", "decode_ms"):
+            row.pop(key, None)
+        row.update(status="error", error=got)
+        item.reference = None
+        return None
+    row.update(width=got.width, height=got.height, exif_applied=got.exif_applied)
+    row["decode_ms"] = row.get("decode_ms", 0.0) + share_ms
+    if item.reference is not None and item.reference.shape[:2] != (got.height, got.width):
+        log.warning("reference for %s has another size; skipped", item.file.rel_path)
+        item.reference = None
+    return got.pixels
+
+
+def _compute(batch: list[Loaded], images: torch.Tensor, stages: Stages, cfg: Config,
+             workspace: int | None = None, encode_jpeg: bool = False) -> list[Output]:
+    """Prior, enhancer and measures on ``images`` (the batch's pixels, float on the
+    device); fills rows, returns outputs (see :func:`_outputs`)."""
     device = stages.device
     n = len(batch)
-    images = _to_batch([item.image.pixels for item in batch], device)
-    rows = [item.row for item in batch]
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -314,23 +468,56 @@ def _run_batch(batch: list[Loaded], stages: Stages, cfg: Config,
                          f"{type(exc).__name__}: {exc}") from exc
     visibility = scores.visibility.float().cpu().tolist()
     blur = scores.blur.float().cpu().tolist()
-    for i, row in enumerate(rows):
-        row.update(prior_backend=stages.prior.backend, prior_model=stages.prior.model,
-                   prior_calibration=getattr(stages.prior, "calibration", None),
-                   visibility=visibility[i], blur=blur[i],
-                   prior_ms=(t1 - t0) * 1000 / n, enhance_ms=(t2 - t1) * 1000 / n,
-                   quality_ms=(t3 - t2) * 1000 / n, iqa_max_side=cfg.iqa_max_side)
-        row.update(quality[i])
+    for i, item in enumerate(batch):
+        item.row.update(prior_backend=stages.prior.backend, prior_model=stages.prior.model,
+                        prior_calibration=getattr(stages.prior, "calibration", None),
+                        visibility=visibility[i], blur=blur[i],
+                        prior_ms=(t1 - t0) * 1000 / n, enhance_ms=(t2 - t1) * 1000 / n,
+                        quality_ms=(t3 - t2) * 1000 / n, iqa_max_side=cfg.iqa_max_side)
+        item.row.update(quality[i])
     if result is None:
         return [None] * n
+    _record_enhancer(batch, stages.enhancer, result)
+    return _outputs(batch, outputs, cfg.quality, encode_jpeg)
+
+
+def _record_enhancer(batch: list[Loaded], enhancer: Enhancer,
+                     result: EnhanceResult) -> None:
+    """The enhancer's per-image columns (route, iterations, phase strength) in the rows."""
     n_iter = None if result.n_iter is None else result.n_iter.cpu().tolist()
     strength = None if result.phase_strength is None else result.phase_strength.cpu().tolist()
-    for i, row in enumerate(rows):
-        row.update(enhancer=stages.enhancer.name, enhancer_version=stages.enhancer.version,
-                   route=result.route[i],
-                   n_iter=None if n_iter is None else int(n_iter[i]),
-                   phase_strength=None if strength is None else float(strength[i]))
-    return list(_to_uint8_hwc(outputs))
+    for i, item in enumerate(batch):
+        item.row.update(enhancer=enhancer.name, enhancer_version=enhancer.version,
+                        route=result.route[i],
+                        n_iter=None if n_iter is None else int(n_iter[i]),
+                        phase_strength=None if strength is None else float(strength[i]))
+
+
+def _outputs(batch: list[Loaded], outputs: torch.Tensor, quality: int,
+             encode_jpeg: bool = False) -> list[Output]:
+    """What the writer gets: uint8 HWC arrays it encodes; with ``encode_jpeg`` the JPEG
+    outputs are encoded here instead, in one ``encode_jpeg_batch`` call (nvJPEG on CUDA, no
+    download of pixels), and the writer only writes their bytes."""
+    result: list[Output] = [None] * len(batch)
+    jpeg = [i for i, item in enumerate(batch)
+            if encode_jpeg and (item.file.out_format or "").upper() == "JPEG"]
+    if jpeg:
+        from varlide.imaging.gpu import encode_jpeg_batch
+
+        try:
+            for i, data in zip(jpeg, encode_jpeg_batch([outputs[i] for i in jpeg], quality),
+                               strict=True):
+                result[i] = data
+        except Exception as exc:  # the writer encodes them instead (its errors are rows)
+            log.warning("batched JPEG encode failed (%s: %s); the writer encodes",
+                        type(exc).__name__, exc)
+    rest = [i for i in range(len(batch)) if result[i] is None]
+    if rest:
+        arrays = _to_uint8_hwc(outputs if len(rest) == len(batch)
+                               else [outputs[i] for i in rest])
+        for i, array in zip(rest, arrays, strict=True):
+            result[i] = array
+    return result
 
 
 def _quality(batch: list[Loaded], images: torch.Tensor, outputs: torch.Tensor | None,
@@ -365,11 +552,16 @@ def _quality(batch: list[Loaded], images: torch.Tensor, outputs: torch.Tensor | 
 # --------------------------------------------------------------------------- write
 
 
-def _write_enhanced(store: RunStore, item: Loaded, pixels: np.ndarray, quality: int) -> None:
+def _write_enhanced(store: RunStore, item: Loaded, output: np.ndarray | bytes,
+                    quality: int) -> None:
+    """Encode (uint8 HWC pixels; bytes were encoded in the compute lane) and write one
+    enhanced image, behind compute in the I/O pool."""
     row = item.row
     try:
         uri = store.enhanced_uri(item.file.out_rel_path)
-        write_bytes(uri, encode_image(pixels, item.file.out_format, quality))
+        data = output if isinstance(output, bytes) else \
+            encode_image(output, item.file.out_format, quality)
+        write_bytes(uri, data)
         row["enhanced_uri"] = uri
     except Exception as exc:  # a write failure is this image's error, not the shard's
         row.update(status="error", error=f"write failed: {type(exc).__name__}: {exc}")
@@ -502,12 +694,19 @@ def shard_budget(cfg: Config) -> int | None:
 
 
 def _too_big(item: Loaded, cost: int, room: int) -> None:
-    h, w = item.image.height, item.image.width
+    h, w = item.size()
     item.row.update(status="error", error=(
         f"too large for the memory budget: {w}x{h} needs ~{format_size(cost)} at once, "
         f"{format_size(room)} available to images (raise memory_budget / --memory-budget, "
         "or lower max_pixels)"))
-    item.image = item.reference = None
+    item.release()
+
+
+def _output_bytes(output: Output) -> int:
+    """Bytes an output holds until written: its pixels, or its encoded file."""
+    if output is None:
+        return 0
+    return len(output) if isinstance(output, bytes) else output.nbytes
 
 
 def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
@@ -533,6 +732,7 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
     write_jobs: list[Future] = []
     computing: deque[tuple[list[Loaded], Future]] = deque()  # at most ``lanes`` batches
     largest = 0  # bytes of the costliest image decoded so far: the guess for the next
+    device_io = device_io_enabled(stages.device)  # decode + JPEG encode in the compute lane
 
     def finish(items: list[Loaded]) -> None:
         errors = sum(item.row["status"] == "error" for item in items)
@@ -549,23 +749,21 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
             outputs = fut.result()  # a StageError fails the shard
         finally:
             for item in batch:
-                item.image = item.reference = None  # free memory early
-        for item, pixels in zip(batch, outputs, strict=True):
-            kept = 0 if pixels is None else pixels.nbytes
+                item.release()  # free memory early
+        for item, out in zip(batch, outputs, strict=True):
+            kept = _output_bytes(out)
             ledger.release(item.cost - kept)
-            if pixels is not None:
-                job_ = io_pool.submit(_write_enhanced, store, item, pixels, cfg.quality)
+            if out is not None:
+                job_ = io_pool.submit(_write_enhanced, store, item, out, cfg.quality)
                 job_.add_done_callback(lambda _f, n=kept: ledger.release(n))
                 write_jobs.append(job_)
         finish(batch)
 
     def flush(key: tuple[int, int]) -> None:
         batch = buckets.pop(key)
-        if compute_pool is None:
-            computing.append((batch, _done_future(_run_batch, batch, stages, cfg, workspace)))
-        else:
-            computing.append((batch, compute_pool.submit(_run_batch, batch, stages, cfg,
-                                                         workspace)))
+        args = (batch, stages, cfg, workspace, device_io)
+        computing.append((batch, _done_future(_run_batch, *args) if compute_pool is None
+                          else compute_pool.submit(_run_batch, *args)))
         while len(computing) >= lanes:
             collect()
 
@@ -584,12 +782,13 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
         while next_index < len(files) and len(pending) < window:
             if pending and (not largest or ledger.held + (len(pending) + 1) * largest > room):
                 return  # the first image's size is unknown until it is decoded
-            pending.append(io_pool.submit(_read_and_decode, job, cfg, files[next_index]))
+            pending.append(io_pool.submit(_read_and_decode, job, cfg, files[next_index],
+                                          device_io))
             next_index += 1
 
     def admit(item: Loaded) -> None:
         nonlocal largest
-        h, w = item.image.height, item.image.width
+        h, w = item.size()
         cost = image_cost(h, w, item.waiting_bytes(), item.reference is not None,
                           stages.peak_bytes_per_pixel(), workspace or 0)
         largest = max(largest, cost)
@@ -620,7 +819,7 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
                     make_room()
                     continue
                 item = pending.popleft().result()
-                if item.image is None:
+                if not item.ready:
                     finish([item])
                 else:
                     admit(item)

@@ -38,6 +38,10 @@ Transfers (:class:`Transfers`). Uploads of uint8 host arrays go through pinned m
 the compute stream; :meth:`Transfer.get` makes the consumer wait for exactly that copy.
 On CPU they are no-ops (the tensor is the array, no copy).
 
+The engine (``varlide.engine``, "device I/O", on for CUDA or with ``VARLIDE_DEVICE_IO=1``)
+keeps the bytes of the files :func:`device_header` accepts undecoded until their batch runs,
+then calls :func:`decode_batch_images` and :func:`encode_jpeg_batch` once per batch.
+
 Module-level imports: numpy, torch, torchvision only (this runs on a bare GPU machine);
 the CPU decoder/encoder (Pillow) are imported when first needed.
 """
@@ -58,7 +62,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CPU_DECODE_TOLERANCE", "CUDA_DECODE_MEAN_TOLERANCE", "DeviceImage", "JpegHeader",
     "Transfer", "Transfers", "decode_batch", "decode_batch_images", "device_decodable",
-    "encode_jpeg_batch", "jpeg_header", "to_float_batch", "to_uint8",
+    "device_header", "encode_jpeg_batch", "host_to_device", "jpeg_header", "to_float_batch",
+    "to_uint8",
 ]
 
 CPU_DECODE_TOLERANCE = 0  # max |diff| in uint8 levels vs Pillow (measured, see docstring)
@@ -157,14 +162,22 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
     return None
 
 
+def device_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  apply_exif: bool = False) -> JpegHeader | None:
+    """The header of ``data`` when it goes to the batched JPEG decoder, else None: the
+    engine keeps such a file undecoded with the header's size until its batch is decoded."""
+    h = jpeg_header(data)
+    ok = (h is not None and h.sof in _SOF_DEVICE and h.precision == 8
+          and h.components == 3 and h.adobe_transform in (None, 1) and h.complete
+          and not h.multi_picture and 0 < h.width * h.height <= max_pixels
+          and not (apply_exif and h.orientation != 1))
+    return h if ok else None
+
+
 def device_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                      apply_exif: bool = False) -> bool:
     """Whether ``data`` goes to the batched JPEG decoder (else to the CPU decoder)."""
-    h = jpeg_header(data)
-    return (h is not None and h.sof in _SOF_DEVICE and h.precision == 8
-            and h.components == 3 and h.adobe_transform in (None, 1) and h.complete
-            and not h.multi_picture and 0 < h.width * h.height <= max_pixels
-            and not (apply_exif and h.orientation != 1))
+    return device_header(data, max_pixels, apply_exif) is not None
 
 
 # --------------------------------------------------------------------------- decode
@@ -194,16 +207,21 @@ def _cpu_decode(data: bytes, device: torch.device, max_pixels: int,
         return str(exc)
     except Exception as exc:  # the engine's wording for a decoder bug
         return f"decode failed: {type(exc).__name__}: {exc}"
+    return DeviceImage(host_to_device(image.pixels, device), image.width, image.height,
+                       image.exif_applied, image.mode, on_device=False)
+
+
+def host_to_device(pixels: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """``(3, H, W)`` on ``device`` from a decoded ``(H, W, 3)`` host array (uint8 or
+    float32), a copy: how a file the CPU decoder read joins a device-decoded batch."""
+    device = torch.device(device)
     if device.type == "cuda":  # one copy into pinned memory, then (3, H, W) on the device
-        host = torch.empty(image.pixels.shape, dtype=_TORCH_DTYPE[image.pixels.dtype.str],
+        host = torch.empty(pixels.shape, dtype=_TORCH_DTYPE[pixels.dtype.str],
                            pin_memory=True)
-        host.numpy()[...] = image.pixels
-        pixels = host.to(device, non_blocking=True).permute(2, 0, 1).contiguous()
-    else:  # one copy, already (3, H, W) (Pillow's arrays are read-only: never shared)
-        pixels = torch.from_numpy(np.ascontiguousarray(image.pixels.transpose(2, 0, 1)))
-        pixels = pixels.to(device)
-    return DeviceImage(pixels, image.width, image.height, image.exif_applied, image.mode,
-                       on_device=False)
+        host.numpy()[...] = pixels
+        return host.to(device, non_blocking=True).permute(2, 0, 1).contiguous()
+    # one copy, already (3, H, W) (Pillow's arrays are read-only: never shared)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).to(device)
 
 
 def _device_decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
