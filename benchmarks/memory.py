@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import cores, cpu_model, size_arg  # noqa: E402
+from benchmarks._common import cores, cpu_model, link_or_copy, size_arg  # noqa: E402
 
 STAGES = ("prior", "curve-estimate", "varlide-lite", "varlide-lite-ds1", "brightness",
           "contrast", "entropy", "colorfulness", "sharpness", "overexposed", "piqe")
@@ -140,7 +140,7 @@ def main() -> None:
         base_in = Path(tmp) / "base"
         base_in.mkdir()
         for p in sorted(frames.glob("*.jpg"))[:args.baseline_images]:
-            (base_in / p.name).symlink_to(p)
+            link_or_copy(p, base_in / p.name)
         ours = _child(_JOB, str(frames), str(Path(tmp) / "o1"), "{}")
         base = _child(_JOB, str(base_in), str(Path(tmp) / "o2"), json.dumps(
             {"memory_budget": "off", "enhancer_options": {"downscale": 1}}),

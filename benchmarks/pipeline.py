@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import cores, cpu_model, own_peak_rss  # noqa: E402
+from benchmarks._common import cores, cpu_model, link_or_copy, own_peak_rss  # noqa: E402
 from benchmarks._common import say as _say  # noqa: E402
 from benchmarks._common import setup_env as _setup_env  # noqa: E402
 from benchmarks._common import size_arg as _size  # noqa: E402
@@ -498,7 +498,7 @@ def _bench(args: argparse.Namespace, workdir: Path) -> int:
         big.mkdir(exist_ok=True)
         for i in range(k):  # K copies of the corpus under other names (same pixels)
             for p in sorted(frames.glob("*.jpg")):
-                (big / f"c{i}-{p.name}").symlink_to(p)
+                link_or_copy(p, big / f"c{i}-{p.name}")
         _say(f"\nmemory: {k}x corpus ({k * n} frames); our flow in a subprocess each "
              "(Prefect server shared, not counted)")
         one = measure_memory(frames, workdir / "mem-1x", api_url)
