@@ -30,6 +30,7 @@ Then the shard's Parquet file is written whole, and only then its completion mar
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -561,10 +562,29 @@ def _write_enhanced(store: RunStore, item: Loaded, output: np.ndarray | bytes,
         uri = store.enhanced_uri(item.file.out_rel_path)
         data = output if isinstance(output, bytes) else \
             encode_image(output, item.file.out_format, quality)
+    except Exception as exc:  # this image cannot be encoded: its error, not the shard's
+        row.update(status="error", error=f"encode failed: {type(exc).__name__}: {exc}")
+        return
+    try:
         write_bytes(uri, data)
-        row["enhanced_uri"] = uri
-    except Exception as exc:  # a write failure is this image's error, not the shard's
+    except OSError as exc:
+        if exc.errno not in _PER_IMAGE_WRITE_ERRNOS:
+            raise OutputStoreError(f"writing {uri} failed: {exc}") from exc
         row.update(status="error", error=f"write failed: {type(exc).__name__}: {exc}")
+        return
+    row["enhanced_uri"] = uri
+
+
+# A write that fails for one image's name (too long, a folder in the way) is that image's
+# error row; any other failure (a full disk, a read-only or vanished store, a network error)
+# is the store's: the shard fails without a Parquet file or a marker, so a retry or the same
+# command redoes it once the store works again, instead of leaving permanent error rows.
+_PER_IMAGE_WRITE_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR,
+                                     errno.EINVAL, errno.EEXIST})
+
+
+class OutputStoreError(RuntimeError):
+    """The output store refused a write for a reason that is not the image's (e.g. ENOSPC)."""
 
 
 # --------------------------------------------------------------------------- lanes
