@@ -276,3 +276,62 @@ def test_prior_mismatch_message(tiny_lite):
     m.trained_prior_model = "analytic-v1"
     assert m.prior_mismatch("analytic", "analytic-v1") is None
     assert "calibrate" in m.prior_mismatch("clip", "ViT-B-32")
+
+
+def _rewrite_weights(folder, state):
+    """Replace the folder's weights with ``state`` and its config's sha256 to match (what a
+    user's own conversion would produce)."""
+    from safetensors.torch import save
+
+    data = save(state)
+    (folder / "model.safetensors").write_bytes(data)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["sha256"] = hashlib.sha256(data).hexdigest()
+    (folder / "config.json").write_text(json.dumps(meta))
+
+
+def test_pickled_checkpoints_are_refused_unread(tiny_lite):
+    import pickle
+
+    model, folder = tiny_lite
+    marker = folder / "unpickled"
+
+    class Boom:  # unpickling this would create the marker file
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for blob, kind in ((pickle.dumps(Boom()), "a pickle"), (b"PK\x03\x04zip", "a zip")):
+        (folder / "model.safetensors").write_bytes(blob)
+        meta = json.loads((folder / "config.json").read_text())
+        meta["sha256"] = hashlib.sha256(blob).hexdigest()
+        (folder / "config.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=f"is {kind}.*never loads pickled"):
+            VarlideLite.from_pretrained(str(folder))
+        assert not marker.exists()
+    _rewrite_weights(folder, model.state_dict())
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    meta = json.loads((folder / "config.json").read_text())
+    meta.pop("sha256")
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        VarlideLite.from_pretrained(str(folder))
+
+
+def test_weights_with_wrong_shapes_or_dtypes_are_refused(tiny_lite):
+    model, folder = tiny_lite
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    name, first = next((k, v) for k, v in state.items() if v.ndim >= 2)
+    _rewrite_weights(folder, {**state, name: torch.zeros(first.shape[0] + 1, *first.shape[1:])})
+    with pytest.raises(ValueError, match=f"{name}: shape .*expected"):
+        VarlideLite.from_pretrained(str(folder))
+    _rewrite_weights(folder, {**state, name: first.double()})
+    with pytest.raises(ValueError, match=f"{name}: dtype torch.float64, expected torch.float32"):
+        VarlideLite.from_pretrained(str(folder))
+    _rewrite_weights(folder, {k: v for k, v in state.items() if k != name})
+    with pytest.raises(ValueError, match=f"missing {name}"):
+        VarlideLite.from_pretrained(str(folder))
+    _rewrite_weights(folder, state)  # the same tensors again: loads, same outputs
+    again = VarlideLite.from_pretrained(str(folder))
+    x, v, b = _rand(), torch.tensor([0.1, 0.5]), torch.tensor([0.9, 0.9])
+    model.eval()
+    assert torch.equal(again.enhance(x, v, b).images, model.enhance(x, v, b).images)

@@ -92,6 +92,41 @@ def _join(base: str, name: str) -> str:
     return join(base, name)
 
 
+def _load_safetensors(data: bytes, uri: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; anything else is refused by name, and nothing is
+    ever unpickled (a pickle or ``torch.save`` checkpoint can run code when loaded)."""
+    from safetensors.torch import load
+
+    if data[:1] == b"\x80" or data[:2] == b"PK":
+        kind = "a pickle" if data[:1] == b"\x80" else "a zip archive (torch.save)"
+        raise ValueError(f"{uri} is {kind}, not a safetensors file: varlide never loads "
+                         "pickled checkpoints; convert it with safetensors.torch.save_file")
+    try:
+        return load(data)
+    except Exception as exc:  # safetensors' own error types vary by version
+        raise ValueError(f"{uri} is not a valid safetensors file: {exc}") from None
+
+
+def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor],
+                     what: str) -> None:
+    """Refuse weights whose names, shapes or dtypes differ from the module's (ValueError
+    naming the first differences): ``load_state_dict`` would cast dtypes silently."""
+    expected = module.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    for k, want in expected.items():
+        got = state.get(k)
+        if got is None:
+            continue
+        if tuple(got.shape) != tuple(want.shape):
+            problems.append(f"{k}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        elif got.dtype != want.dtype:
+            problems.append(f"{k}: dtype {got.dtype}, expected {want.dtype}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"{what} do not fit the model: {'; '.join(problems[:5])}{more}")
+
+
 def missing_default_weights(name: str) -> FileNotFoundError:
     path = default_weights_dir(name) / WEIGHTS_FILE
     return FileNotFoundError(
@@ -146,8 +181,6 @@ class Pretrained:
     @classmethod
     def read_pretrained(cls, path_or_uri: str | Path) -> tuple[dict, dict[str, torch.Tensor], str]:
         """(config.json as a dict, state dict, sha256) from a folder or a .safetensors file."""
-        from safetensors.torch import load
-
         uri = str(path_or_uri).rstrip("/")
         if uri.startswith("models:/"):  # MLflow registry (NAME@ALIAS, NAME/VERSION): cached
             from varlide.registry_mlflow import resolve_model_uri
@@ -179,7 +212,7 @@ class Pretrained:
                 f"{weights_uri}: sha256 {digest[:12]} does not match its config.json "
                 f"({meta['sha256'][:12]}); the file is corrupt or was replaced"
             )
-        return meta, load(data), digest
+        return meta, _load_safetensors(data, weights_uri), digest
 
     @classmethod
     def config_from_meta(cls, meta: dict) -> Any:
@@ -200,6 +233,7 @@ class Pretrained:
                 "scores: calibrate that backend onto the trained scale or retrain on it")
 
     def _adopt(self, meta: dict, state: dict[str, torch.Tensor], digest: str) -> None:
+        check_state_dict(self, state, f"{self.name} weights {digest[:12]}")
         self.load_state_dict(state, strict=True)
         self.version = digest[:12]
         self.trained_prior = meta.get("trained_prior")
