@@ -68,6 +68,7 @@ def root(request, tmp_path) -> str:
 
 @pytest.mark.parametrize(
     "bad", ["", "../x", "a/../../x", "a/..", "/etc/passwd", "\\\\server\\x", "..\\x",
+            "a\\..\\..\\x", "a/..\\..\\x",
             "C:x", "c:\\windows", "a\x00b", "s3://b/k"],
 )
 def test_safe_relpath_refuses_escapes(bad):
@@ -77,7 +78,9 @@ def test_safe_relpath_refuses_escapes(bad):
 
 def test_safe_relpath_normalises():
     assert safe_relpath("a/./b//c.png") == "a/b/c.png"
-    assert safe_relpath("a\\b.png") == "a/b.png"
+    # a backslash is part of the name (POSIX files, S3 keys): never another file's path
+    assert safe_relpath("a\\b.png") == "a\\b.png"
+    assert join("/in", "a\\b.png") == "/in/a\\b.png" != join("/in", "a/b.png")
     assert safe_relpath("1:2.png") == "1:2.png"  # not a drive
 
 
@@ -218,11 +221,12 @@ def test_runstore_paths(root):
     for bad in ("../x", "/etc/passwd", "a/../../x", "C:x", ""):
         with pytest.raises(UnsafePathError):
             store.enhanced_uri(bad)
-    for bad_id in ("", "..", "a/b", "/x"):
+    for bad_id in ("", "..", "a/b", "/x", "a\\b"):
         with pytest.raises(ValueError):
             RunStore(root, bad_id)
-    with pytest.raises(ValueError):
-        store.scores_uri("a/b", 0)
+    for bad_dataset in ("a/b", "a\\b"):
+        with pytest.raises(ValueError):
+            store.scores_uri(bad_dataset, 0)
     with pytest.raises(ValueError):
         store.marker_uri(-1)
 
@@ -376,6 +380,8 @@ def test_run_status_and_list_run_ids(root):
     store = RunStore(root, "r1")
     store.write_manifest(manifest_for("r1", n_shards=4, per_shard=2))  # 7 images
     store.write_failure(0, "flaky")
+    for shard in range(4):  # a done shard is a marker AND its Parquet
+        write_rows([{"rel_path": f"img{shard}.png"}], [], store.scores_uri("night", shard))
     store.write_marker(0, {"rows": 2, "errors": 1})
     store.write_marker(2, {"rows": 2, "errors": 0})
     store.write_failure(3, "disk full")
@@ -390,6 +396,15 @@ def test_run_status_and_list_run_ids(root):
     store.write_marker(3, {"rows": 1, "errors": 0})
     status = run_status(root, "r1")
     assert status.complete and status.rows == 7 and status.failed == []
+    assert status.missing_parquet == []
+
+    # a marker whose Parquet is gone is not done: status says so, the run is not complete
+    fs, path = filesystem(store.scores_uri("night", 2))
+    fs.rm_file(path)
+    status = run_status(root, "r1")
+    assert status.missing_parquet == [2] and status.pending == [2] and not status.complete
+    assert status.done == [0, 1, 3] and status.rows == 5
+    assert RunStore(root, "r1").verified_done("night") == ({0, 1, 3}, [2])
 
     RunStore(root, "r0").write_manifest(manifest_for("r0"))
     with RunStore(root, "r9").lock():  # a lock but no manifest: not a run

@@ -1,14 +1,19 @@
 """Run planning and summaries: the library side of a run, used by flows, CLI and benchmarks.
 
-``prepare_run`` decides what a run is: a new run lists the corpus, plans shards and writes
-the manifest; a resumed run (same run id, manifest present) reuses the stored plan and only
-reports files that appeared since (they are left for a new run, never mixed into old
-shards). ``summarize_run`` computes run metrics from ALL shards' Parquet, not from what one
-process saw, so a resumed run reports the whole run.
+``resolve_run`` is the one place that decides a run's id (from the canonical input and the
+output-changing config), so a flow can take the run's lock before anything is listed or
+written. ``prepare_run`` decides what a run is, holding that lock: a new run lists the
+corpus, plans shards and writes the manifest; a resumed run (same run id, manifest present)
+must have the same input and output-changing config (else ``RunMismatchError``), reuses the
+stored plan, trusts a done marker only with its Parquet file, and only reports files that
+appeared since (they are left for a new run, never mixed into old shards).
+``summarize_run`` computes run metrics from ALL shards' Parquet, not from what one process
+saw, so a resumed run reports the whole run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,13 +24,13 @@ import numpy as np
 import pyarrow as pa
 
 from varlide import __version__
-from varlide.config import Config
+from varlide.config import Config, ConfigError
 from varlide.imaging.encode import iter_output_names
-from varlide.storage.listing import list_corpus
+from varlide.storage.listing import SkippedEntry, fold_collisions, list_corpus
 from varlide.storage.plan import PlannedFile, Shard, plan_from_json, plan_shards, plan_to_json
 from varlide.storage.results import read_table
 from varlide.storage.runstore import RunStore
-from varlide.storage.uri import filesystem, join
+from varlide.storage.uri import filesystem, hide_credentials, join
 
 if TYPE_CHECKING:
     from varlide.engine import ShardJob
@@ -33,6 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUANTILES = (0.05, 0.5, 0.95)
+
+
+class RunMismatchError(ConfigError):
+    """A run id reused with another input or output-changing config: resuming would mix
+    rows of two corpora (or two schemas) in one run. A usage error (exit 2)."""
 
 
 def canonical_uri(uri: str) -> str:
@@ -53,10 +63,18 @@ class RunPlan:
     done: set[int]
     resumed: bool
     new_files: list[str] = field(default_factory=list)  # appeared since the stored plan
+    notes: list[str] = field(default_factory=list)  # planning warnings, shown by describe()
+    retry: dict[int, int] = field(default_factory=dict)  # done shard -> its error rows
 
     @property
     def pending(self) -> list[Shard]:
         return [s for s in self.shards if s.index not in self.done]
+
+    @property
+    def to_run(self) -> list[Shard]:
+        """The shards this invocation runs: the pending ones, then the done shards whose
+        error rows ``--retry-errors`` asked for."""
+        return self.pending + [s for s in self.shards if s.index in self.retry]
 
     @property
     def images(self) -> int:
@@ -67,7 +85,8 @@ class RunPlan:
 
         return ShardJob(run_id=self.run_id, dataset=self.dataset, input_uri=self.input_uri,
                         output_uri=self.output_uri, shard=shard,
-                        config=self.config.model_dump(mode="json"))
+                        config=self.config.model_dump(mode="json"),
+                        retry_errors=shard.index in self.retry)
 
     def describe(self) -> str:
         pending = self.pending
@@ -85,19 +104,54 @@ class RunPlan:
         if self.new_files:
             lines.append(f"  {len(self.new_files)} file(s) appeared since this run was planned;"
                          " they are not part of it (start a new run, e.g. with --fresh)")
+        if self.retry:
+            lines.append(f"  retry   {sum(self.retry.values())} error row(s) in "
+                         f"{len(self.retry)} done shard(s) (--retry-errors)")
+        lines += [f"  note    {n}" for n in self.notes]
         return "\n".join(lines)
 
 
-def _planned_files(input_uri: str, cfg: Config) -> list[PlannedFile]:
+def _planned_files(input_uri: str, cfg: Config) -> tuple[list[PlannedFile], list[str]]:
     """The listing with each file's output name, one compact record per file (no per-file
-    table beside it: a 1,000,000-key corpus plans in ~20 s and well under 1 GB)."""
-    listed = list_corpus(input_uri, cfg.include, cfg.exclude, cfg.limit)
+    table beside it: a 1,000,000-key corpus plans in ~20 s and well under 1 GB), and the
+    planning notes (entries never read, output names that collide when case-folded)."""
+    skipped: list[SkippedEntry] = []
+    listed = list_corpus(input_uri, cfg.include, cfg.exclude, cfg.limit, skipped=skipped)
     names = iter_output_names([f.rel_path for f in listed], cfg.format)
-    return [
+    files = [
         PlannedFile(rel_path=f.rel_path, size=f.size, out_rel_path=name.rel_path,
                     out_format=name.pil_format, out_error=name.error)
         for f, (_, name) in zip(listed, names, strict=True)
     ]
+    notes = _skipped_notes(skipped)
+    if cfg.enhance:
+        notes += _collision_notes([f.out_rel_path for f in files if f.out_rel_path])
+    return files, notes
+
+
+def _skipped_notes(skipped: list[SkippedEntry]) -> list[str]:
+    """One note per reason: how many entries were never read (no row), with examples."""
+    by_reason: dict[str, list[str]] = {}
+    for entry in skipped:
+        by_reason.setdefault(entry.reason, []).append(entry.rel_path)
+    return [f"{len(rels)} entr{'y' if len(rels) == 1 else 'ies'} skipped, not read and no "
+            f"row: {reason} (e.g. {', '.join(map(repr, rels[:3]))})"
+            for reason, rels in by_reason.items()]
+
+
+def _collision_notes(out_names: list[str]) -> list[str]:
+    """A warning (and a note) when enhanced names differ only in case or in ``\\`` vs ``/``:
+    distinct here, one file on a case-insensitive filesystem (macOS, Windows), where one
+    output would overwrite the other."""
+    groups = fold_collisions(out_names)
+    if not groups:
+        return []
+    shown = "; ".join(" ~ ".join(map(repr, g)) for g in groups[:3])
+    note = (f"{len(groups)} group(s) of enhanced names are one name on a case-insensitive "
+            f"filesystem (macOS, Windows) or where '\\' separates folders: {shown}; do not "
+            "copy the outputs onto such a filesystem")
+    log.warning("%s", note)
+    return [note]
 
 
 def pin_registry_weights(cfg: Config) -> Config:
@@ -114,33 +168,165 @@ def pin_registry_weights(cfg: Config) -> Config:
     return cfg.model_copy(update={"enhancer_weights": pinned})
 
 
-def prepare_run(input_uri: str, output_uri: str, cfg: Config, *, fresh: bool = False,
-                write: bool = True) -> RunPlan:
-    """Plan a new run or load a resumable one. ``write=False`` (dry run) writes nothing."""
-    input_uri, output_uri = canonical_uri(input_uri), canonical_uri(output_uri)
+@dataclass(frozen=True)
+class RunTarget:
+    """What a run is before anything is listed: canonical URIs, the effective config
+    (registry weights pinned, reference canonical), its run id and dataset."""
+
+    input_uri: str
+    output_uri: str
+    config: Config
+    run_id: str
+    dataset: str
+
+
+def resolve_run(input_uri: str, output_uri: str, cfg: Config) -> RunTarget:
+    """The one place that decides a run's id: the flow takes the lock of this id before it
+    plans, and ``prepare_run`` plans the same id. Idempotent (resolving a target's own
+    URIs and config again gives the same target). Credentials in the URIs are hidden
+    (``storage.uri.hide_credentials``): the run id, manifest and logs never hold them."""
+    input_uri = canonical_uri(hide_credentials(input_uri))
+    output_uri = canonical_uri(hide_credentials(output_uri))
     cfg = pin_registry_weights(cfg)
     if cfg.reference:
-        cfg = cfg.model_copy(update={"reference": canonical_uri(cfg.reference)})
-    run_id = cfg.run_id_for(input_uri)
-    dataset = cfg.dataset_for(input_uri)
-    store = RunStore(output_uri, run_id)
-    if fresh and write and store.exists():
-        store.clear(dataset)
-    if store.exists() and not (fresh and not write):
-        manifest = store.read_manifest()
-        shards = plan_from_json(manifest["plan"])
-        known = {f.rel_path for s in shards for f in s.files}
-        listed = list_corpus(input_uri, cfg.include, cfg.exclude, None)
-        new_files = [f.rel_path for f in listed if f.rel_path not in known]
-        if cfg.limit is not None:
-            new_files = []  # a limited run never claims the rest of the corpus as new
-        return RunPlan(run_id, manifest.get("dataset", dataset), input_uri, output_uri, cfg,
-                       shards, store.done_shards(), True, new_files)
-    shards = plan_shards(_planned_files(input_uri, cfg), cfg.shard_size)
-    plan = RunPlan(run_id, dataset, input_uri, output_uri, cfg, shards, set(), False)
+        cfg = cfg.model_copy(update={"reference": canonical_uri(hide_credentials(cfg.reference))})
+    return RunTarget(input_uri, output_uri, cfg, cfg.run_id_for(input_uri),
+                     cfg.dataset_for(input_uri))
+
+
+def prepare_run(input_uri: str, output_uri: str, cfg: Config, *, fresh: bool = False,
+                write: bool = True, store: RunStore | None = None,
+                retry_errors: bool = False) -> RunPlan:
+    """Plan a new run or load a resumable one. ``write=False`` (dry run) writes nothing.
+
+    Everything written (a ``--fresh`` clear, the manifest, dropped markers) is written
+    holding the run's lock: pass ``store``, the RunStore that holds it (the flow does, and
+    keeps it for the whole run), or the lock is taken here for the planning only.
+    RunLockedError when another live run holds it; RunMismatchError when the run id exists
+    with another input or output-changing config.
+    """
+    target = resolve_run(input_uri, output_uri, cfg)
+    if not write:
+        store = RunStore(target.output_uri, target.run_id)
+        return _with_retry(_plan(target, store, fresh, write=False), store, retry_errors)
+    if store is not None:
+        if store.run_id != target.run_id or store.output_uri != target.output_uri:
+            raise ValueError(f"{store!r} is not the store of run {target.run_id!r} in "
+                             f"{target.output_uri}")
+        if not store.holds_lock:
+            raise ValueError(f"{store!r} must hold the run's lock to plan it")
+        return _with_retry(_plan(target, store, fresh, write=True), store, retry_errors)
+    store = RunStore(target.output_uri, target.run_id)
+    with store.lock():
+        return _with_retry(_plan(target, store, fresh, write=True), store, retry_errors)
+
+
+def _with_retry(plan: RunPlan, store: RunStore, retry_errors: bool) -> RunPlan:
+    """Add the done shards whose markers count error rows (``--retry-errors``)."""
+    if retry_errors and plan.done:
+        markers = store.read_markers()
+        plan.retry = {i: int(markers[i].get("errors") or 0) for i in sorted(plan.done)
+                      if i in markers and int(markers[i].get("errors") or 0) > 0}
+    return plan
+
+
+def _plan(target: RunTarget, store: RunStore, fresh: bool, write: bool) -> RunPlan:
+    if fresh and write:
+        store.clear(target.dataset)
+    elif store.exists() and not fresh:
+        return _resume(target, store, write)
+    elif write and store.has_outputs(target.dataset):
+        # no manifest but markers or Parquet of this run id: an interrupted clear. Stale
+        # shards of the old plan would add rows to the new one: start clean.
+        log.warning("run %s has scores or markers but no manifest (an interrupted --fresh?);"
+                    " clearing them before planning it anew", target.run_id)
+        store.clear(target.dataset)
+    files, notes = _planned_files(target.input_uri, target.config)
+    shards = plan_shards(files, target.config.shard_size)
+    plan = RunPlan(target.run_id, target.dataset, target.input_uri, target.output_uri,
+                   target.config, shards, set(), False, notes=notes)
     if write:
         store.write_manifest(build_manifest(plan))
     return plan
+
+
+def _resume(target: RunTarget, store: RunStore, write: bool) -> RunPlan:
+    """The stored run, checked against this invocation, its done shards verified."""
+    cfg = target.config
+    manifest = store.read_manifest()
+    check_resumable(manifest, target)
+    shards = plan_from_json(manifest["plan"])
+    dataset = manifest.get("dataset", target.dataset)
+    if write:
+        for path in store.remove_temp_files(dataset):
+            log.info("removed %s (a temp file left by an interrupted write)", path)
+    done, missing = _verified_done(store, dataset, write)
+    notes = [f"{len(missing)} shard(s) marked done had lost their Parquet file; redone: "
+             f"{', '.join(f'{i:05d}' for i in missing[:10])}"] if missing else []
+    known = {f.rel_path for s in shards for f in s.files}
+    listed = list_corpus(target.input_uri, cfg.include, cfg.exclude, None)
+    new_files = [f.rel_path for f in listed if f.rel_path not in known]
+    if cfg.limit is not None:
+        new_files = []  # a limited run never claims the rest of the corpus as new
+    return RunPlan(target.run_id, dataset, target.input_uri, target.output_uri, cfg, shards,
+                   done, True, new_files, notes)
+
+
+def _verified_done(store: RunStore, dataset: str, write: bool) -> tuple[set[int], list[int]]:
+    """``(done, missing)``: done shards whose Parquet exists, and those whose does not.
+
+    A marker that outlived its Parquet (an interrupted clear, a deleted file) is dropped so
+    the shard is redone: rows, not markers, are what a run delivers."""
+    done, missing = store.verified_done(dataset)
+    for index in missing:
+        log.warning("shard %05d of run %s is marked done but its Parquet %s is missing: "
+                    "redoing it", index, store.run_id, store.scores_uri(dataset, index))
+        if write:
+            store.drop_marker(index)
+    return done, missing
+
+
+def check_resumable(manifest: dict[str, Any], target: RunTarget) -> None:
+    """RunMismatchError unless the stored run has this input and output-changing config.
+
+    Execution-only fields (workers, device, batch size ...) are not compared: changing
+    them is how a run is resumed on other hardware."""
+    input_diff = _input_diff(manifest, target)
+    diffs = input_diff + _config_diff(manifest, target.config)
+    if diffs:
+        from varlide.tracking import redact
+
+        raise RunMismatchError(
+            f"run id {target.run_id!r} already exists in {redact(target.output_uri)} with "
+            f"another {'input or ' if input_diff else ''}configuration, "
+            f"so resuming it would mix rows: {redact('; '.join(diffs))}. Use another "
+            "--run-id (or none: the default id follows the input and config), or --fresh "
+            "to discard the stored run and start it again")
+
+
+def _input_diff(manifest: dict[str, Any], target: RunTarget) -> list[str]:
+    stored = manifest.get("input_uri")
+    if stored is None or stored == target.input_uri:
+        return []
+    return [f"input_uri: stored {stored!r}, now {target.input_uri!r}"]
+
+
+def _config_diff(manifest: dict[str, Any], cfg: Config) -> list[str]:
+    """``field: stored X, now Y`` for each output-changing field that differs. A field the
+    stored run predates counts as its default (what that run effectively used)."""
+    stored = manifest.get("output_config")
+    if stored is None and isinstance(manifest.get("config"), dict):
+        stored = {k: v for k, v in manifest["config"].items() if k in Config.output_fields}
+    if stored is None:
+        return []
+    current = json.loads(json.dumps(cfg.output_config()))
+    defaults = _default_output_config()
+    return [f"{name}: stored {stored.get(name, defaults[name])!r}, now {value!r}"
+            for name, value in current.items() if stored.get(name, defaults[name]) != value]
+
+
+def _default_output_config() -> dict[str, Any]:
+    return json.loads(json.dumps(Config().output_config()))
 
 
 def build_manifest(plan: RunPlan) -> dict[str, Any]:
@@ -154,6 +340,7 @@ def build_manifest(plan: RunPlan) -> dict[str, Any]:
         "config": plan.config.model_dump(mode="json"),
         "output_config": plan.config.output_config(),
         "images": plan.images,
+        "notes": plan.notes,
         "plan": plan_to_json(plan.shards),
     }
 
@@ -211,7 +398,7 @@ def record_run(plan: RunPlan, session: dict[str, Any]) -> dict[str, Any]:
     table = read_run_scores(plan.output_uri, plan.dataset, plan.run_id)
     metrics = summarize_scores(table, plan.config.quality_metric_names())
     store = RunStore(plan.output_uri, plan.run_id)
-    done = store.done_shards()
+    done, _missing = store.verified_done(plan.dataset)
     failed = sorted(session.get("failed_shards", []))
     seconds = float(session.get("seconds") or 0.0)
     processed = int(session.get("processed_images") or 0)

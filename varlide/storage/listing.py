@@ -15,6 +15,13 @@ Rules:
   folder" (``night/`` is ``night/*``). With includes, a file is kept when any include
   matches; a file matching any exclude is dropped. ``limit`` is applied last (after sort
   and filters), so it always picks the same first files.
+
+What is never read (each skipped with a warning, and reported to the caller through
+``skipped``, which the run's plan description counts): an entry that is not a regular file
+(a FIFO would block the reader forever, a device would stream without end), a symbolic link
+whose target lies outside the input root (its target's bytes are not the corpus's), and an
+object key that would escape its prefix. Names that would be one name on a
+case-insensitive filesystem are found by :func:`fold_collisions`.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -41,6 +48,19 @@ class CorpusFile:
 
     rel_path: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedEntry:
+    """An entry the listing refused to list, and why (it gets no row: it is never read)."""
+
+    rel_path: str
+    reason: str
+
+
+NOT_REGULAR = "not a regular file"
+LINK_OUTSIDE = "symbolic link out of the input root (not followed)"
+KEY_ESCAPES = "object key escapes the input prefix"
 
 
 def is_image_path(path: str) -> bool:
@@ -74,9 +94,12 @@ def list_corpus(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     limit: int | None = None,
+    skipped: list[SkippedEntry] | None = None,
 ) -> list[CorpusFile]:
     """All image files under the folder/prefix ``uri``, sorted by relative path.
 
+    ``skipped``, when given, receives the entries that match the filters but are never
+    read (see the module docstring); each is also logged as a warning.
     Raises FileNotFoundError (naming the URI) when nothing exists there, and
     NotADirectoryError when ``uri`` is a single file: the input must be a folder/prefix.
     """
@@ -93,15 +116,37 @@ def list_corpus(
         raise NotADirectoryError(
             f"input {uri} is a single file; it must be a folder (or an object-store prefix)"
         )
+    refused: list[SkippedEntry] = []
     if _is_local(fs):
-        out = [CorpusFile(rel, size) for rel, size in _walk_local(root)
-               if not is_hidden(rel) and is_image_path(rel) and keep_path(rel, include, exclude)]
+        wanted = _wanted(include, exclude)
+        out = [CorpusFile(rel, size) for rel, size in _walk_local(root, wanted, refused)]
     else:
-        out = _list_fsspec(fs, root, uri, include, exclude)
+        out = _list_fsspec(fs, root, uri, include, exclude, refused)
     out.sort(key=lambda f: f.rel_path)
     if limit is not None:
         out = out[:limit]
+    _warn_skipped(uri, refused)
+    if skipped is not None:
+        skipped.extend(sorted(refused, key=lambda e: e.rel_path))
     return out
+
+
+def _wanted(include: Sequence[str], exclude: Sequence[str]) -> Callable[[str], bool]:
+    """The listing's filter on a relative path: visible, an image, kept by the globs."""
+
+    def wanted(rel: str) -> bool:
+        return not is_hidden(rel) and is_image_path(rel) and keep_path(rel, include, exclude)
+
+    return wanted
+
+
+def _warn_skipped(uri: str, refused: Sequence[SkippedEntry], shown: int = 10) -> None:
+    """One warning per skipped entry, up to ``shown`` of them, then a count."""
+    for entry in refused[:shown]:
+        log.warning("skipping %s in %s: %s", entry.rel_path, uri, entry.reason)
+    if len(refused) > shown:
+        log.warning("skipped %d more entries in %s (not read, no row)", len(refused) - shown,
+                    uri)
 
 
 def _is_local(fs) -> bool:
@@ -109,15 +154,28 @@ def _is_local(fs) -> bool:
     return "file" in protocol or "local" in protocol
 
 
-def _walk_local(root: str) -> Iterator[tuple[str, int]]:
-    """``(relative POSIX path, size)`` of every file under a local folder, by ``os.scandir``:
-    what ``fs.find(detail=True)`` gives, without a dict of a dozen stat fields per file
-    (1,000,000 files: ~900 MB of them). Symbolic links, as fsspec lists them: a link to a
-    file lists with its target's size; a link to a folder is walked only if that real folder
-    is not walked already (so a folder is listed once and a link cycle cannot loop); a
-    broken link is listed with size 0 (its row then says it is unreadable), an entry that
-    cannot be examined is skipped with a warning.
-    Hidden folders are not entered (nothing under them is listed anyway)."""
+def _inside(path: str, real_root: str) -> bool:
+    """True when ``path``, every link on it resolved, lies under ``real_root``."""
+    target = os.path.realpath(path)
+    return os.path.commonpath([target, real_root]) == real_root
+
+
+def _walk_local(root: str, wanted: Callable[[str], bool] = lambda rel: True,
+                skipped: list[SkippedEntry] | None = None) -> Iterator[tuple[str, int]]:
+    """``(relative POSIX path, size)`` of every wanted regular file under a local folder, by
+    ``os.scandir``: what ``fs.find(detail=True)`` gives, without a dict of a dozen stat
+    fields per file (1,000,000 files: ~900 MB of them). Entry types come from the
+    directory listing itself (no extra stat per file); only symbolic links are resolved.
+
+    Symbolic links: one whose target is outside the root is not followed (``skipped``);
+    inside, a link to a file lists with its target's size, a link to a folder is walked
+    only if that real folder is not walked already (so a folder is listed once and a link
+    cycle cannot loop), and a broken link is listed with size 0 (its row then says it is
+    unreadable). An entry that is not a regular file (FIFO, socket, device) is
+    ``skipped``: reading it could block forever. An entry that cannot be examined is
+    skipped with a warning. Hidden folders are not entered (nothing under them is listed)."""
+    real_root = os.path.realpath(root)
+    refused = skipped if skipped is not None else []
     seen: set[tuple[int, int]] = set()
     stack = [("", root)]
     while stack:
@@ -134,19 +192,29 @@ def _walk_local(root: str) -> Iterator[tuple[str, int]]:
         for entry in entries:
             rel = f"{rel_dir}{entry.name}"
             try:
-                if entry.is_dir():
+                if entry.is_symlink() and not _inside(entry.path, real_root):
+                    if not is_hidden(rel) and (entry.is_dir() or wanted(rel)):
+                        refused.append(SkippedEntry(rel, LINK_OUTSIDE))
+                elif entry.is_dir():
                     if not entry.name.startswith("."):
                         stack.append((rel + "/", entry.path))
+                elif not wanted(rel):
+                    continue
                 elif entry.is_file():
                     yield rel, entry.stat().st_size
-                elif entry.is_symlink():  # broken: listed (size 0) so its row says why
-                    yield rel, 0
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    yield rel, 0  # broken: listed (size 0) so its row says why
+                else:
+                    refused.append(SkippedEntry(rel, NOT_REGULAR))
             except OSError as exc:  # vanished, permission, a broken link
                 log.warning("skipping %s: %s", entry.path, exc)
 
 
-def _list_fsspec(fs, root: str, uri: str, include: Sequence[str],
-                 exclude: Sequence[str]) -> list[CorpusFile]:
+def _list_fsspec(fs, root: str, uri: str, include: Sequence[str], exclude: Sequence[str],
+                 skipped: list[SkippedEntry] | None = None) -> list[CorpusFile]:
+    """The listing on an object store (or any non-local fsspec filesystem): one ``find``."""
+    wanted = _wanted(include, exclude)
+    refused = skipped if skipped is not None else []
     found = fs.find(root, withdirs=False, detail=True)
     prefix = f"{root}/" if root else ""
     out: list[CorpusFile] = []
@@ -159,11 +227,31 @@ def _list_fsspec(fs, root: str, uri: str, include: Sequence[str],
         rel = name[len(prefix):]
         if ".." in rel.split("/") or rel.startswith("/"):
             # an object key that would escape its root: refused, loudly (never silently)
-            log.warning("refusing object key that escapes %s: %r", uri, rel)
+            refused.append(SkippedEntry(rel, KEY_ESCAPES))
             continue
-        if not rel or is_hidden(rel) or not is_image_path(rel):
-            continue
-        if not keep_path(rel, include, exclude):
-            continue
-        out.append(CorpusFile(rel_path=rel, size=int(info.get("size") or 0)))
+        if rel and wanted(rel):
+            out.append(CorpusFile(rel_path=rel, size=int(info.get("size") or 0)))
     return out
+
+
+def _fold(name: str) -> str:
+    return name.replace("\\", "/").casefold()
+
+
+def fold_collisions(names: Iterable[str]) -> list[list[str]]:
+    """Groups of distinct names that are ONE name on a case-insensitive filesystem (macOS,
+    Windows) or where a backslash separates folders: ``A.png`` / ``a.png``, ``a\\b.png`` /
+    ``a/b.png``. Written there, one would overwrite the other.
+
+    Only names that change when folded can collide, so the common all-lowercase corpus
+    costs one pass and no table."""
+    names = names if isinstance(names, list) else list(names)
+    candidates = {key for n in names if (key := _fold(n)) != n}
+    if not candidates:
+        return []
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        key = _fold(n)
+        if key in candidates:
+            groups.setdefault(key, []).append(n)
+    return [g for g in groups.values() if len(g) > 1]

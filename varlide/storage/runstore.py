@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SHARD_NAME = "shard-{:05d}"
 _SHARD_JSON = re.compile(r"^shard-(\d+)\.json$")
+_SHARD_PARQUET = re.compile(r"^shard-(\d+)\.parquet$")
 
 
 class RunLockedError(RuntimeError):
@@ -50,8 +51,10 @@ def _now_iso() -> str:
 
 
 def _single_component(value: str, what: str) -> str:
+    """A run id or dataset name as one folder name; a backslash is refused too (a store or
+    a tool that reads it as a separator would see two folders)."""
     norm = safe_relpath(value)
-    if "/" in norm or norm != value:
+    if "/" in norm or "\\" in norm or norm != value:
         raise ValueError(f"{what} must be a single plain path component, got {value!r}")
     return norm
 
@@ -234,6 +237,60 @@ class RunStore:
     def read_failures(self) -> dict[int, dict]:
         return _read_shard_files(self.failed_dir_uri)
 
+    def parquet_shards(self, dataset: str) -> set[int]:
+        """Shard indices whose Parquet file exists (one listing of the run's scores folder)."""
+        return set(_list_shard_files(self.scores_dir_uri(dataset), _SHARD_PARQUET))
+
+    def verified_done(self, dataset: str) -> tuple[set[int], list[int]]:
+        """``(done, missing)``: shards with a marker AND their Parquet, and the sorted shards
+        whose marker outlived its Parquet (an interrupted clear, a deleted file). A marker
+        alone never means done: its rows are what the run delivers."""
+        marked = self.done_shards()
+        if not marked:
+            return set(), []
+        written = self.parquet_shards(dataset)
+        return marked & written, sorted(marked - written)
+
+    def history_uri(self, shard: int, attempt: int) -> str:
+        """``runs/<run_id>/history/shard-NNNNN.attempt-K.parquet``: a replaced attempt."""
+        name = SHARD_NAME.format(_shard(shard)) + f".attempt-{int(attempt)}.parquet"
+        return join(self.run_uri, "history", name)
+
+    def keep_attempt(self, dataset: str, shard: int, attempt: int) -> str:
+        """Copy a shard's current Parquet to its history before a retry replaces it.
+
+        Never overwrites: a retry that crashed after this step and runs again keeps the
+        first copy, which is the attempt's true rows."""
+        target = self.history_uri(shard, attempt)
+        fs, path = _fs(target)
+        if not fs.exists(path):
+            src_fs, src = _fs(self.scores_uri(dataset, shard))
+            _write_bytes(target, src_fs.cat_file(src))
+        return target
+
+    def remove_temp_files(self, dataset: str) -> list[str]:
+        """Delete the hidden temps (``.name.tmp-xxxxxxxx``) a killed writer left in the
+        run's records and scores folders; call holding the lock. Local disks only (object
+        stores are written in one PUT). The enhanced tree is not walked (it can hold
+        millions of files): its temps are hidden from readers and are overwritten names."""
+        removed: list[str] = []
+        for uri in (self.run_uri, self.scores_dir_uri(dataset)):
+            fs, root = _fs(uri)
+            if not _is_local(fs) or not os.path.isdir(root):
+                continue
+            for folder, _dirs, names in os.walk(root):
+                for name in names:
+                    if _TEMP_NAME.fullmatch(name):
+                        path = os.path.join(folder, name)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(path)
+                            removed.append(path)
+        return removed
+
+    def drop_marker(self, shard: int) -> None:
+        """Remove a shard's done marker, so the next run redoes it."""
+        _rm_missing_ok(self.marker_uri(shard))
+
     # ---- lock --------------------------------------------------------------------------
     @property
     def holds_lock(self) -> bool:
@@ -307,6 +364,11 @@ class RunStore:
             holder = self._read_lock_retrying(fs, path)
             if holder is None:
                 continue  # released meanwhile: try again
+            if holder.get("token") == record["token"]:
+                # our own PUT landed but its response was lost; the client's retry of it was
+                # refused by the condition: the lock is ours
+                self._token, self._lock_record = record["token"], record
+                return record
             age = _lock_age(holder, fs=fs, path=path)
             if age is not None and age <= stale_after_s and not _holder_is_dead(holder):
                 raise self._locked_error(holder, age, stale_after_s)
@@ -411,6 +473,12 @@ class RunStore:
             return
         _rm_missing_ok(self.lock_uri)
 
+    def abandon(self) -> None:
+        """Give up the lock without deleting it: for a process that exits while work it
+        started may still write. The lock names this (dead) pid, so a run on this host
+        takes it over at once; elsewhere it goes stale."""
+        self._token, self._lock_record = None, None
+
     @contextlib.contextmanager
     def lock(
         self, owner: str | None = None, stale_after_s: float = 6 * 3600
@@ -449,22 +517,38 @@ class RunStore:
 
     # ---- fresh start -------------------------------------------------------------------
     def clear(self, dataset: str, stale_after_s: float = 6 * 3600) -> None:
-        """Delete the run's scores, enhanced images and run records (``--fresh``).
+        """Delete the run's records, scores and enhanced images (``--fresh``).
+
+        Order matters for a crash half-way: the done/failed markers and the manifest go
+        first, the Parquet and images last, so an interrupted clear never leaves a "done"
+        marker whose rows are gone (the rerun would report the run complete with no rows).
 
         Keeps a lock this instance holds (acquire it first); refuses with RunLockedError
         while another process holds a live one. A stale lock is deleted with the rest.
         """
-        if self._token is None:
-            holder = self.read_lock()
-            if holder is not None:
-                age = _lock_age(holder)
-                if age is None or age <= stale_after_s:
-                    raise self._locked_error(holder, age, stale_after_s)
+        self._refuse_live_lock(stale_after_s)
+        for uri in (self.done_uri, self.failed_dir_uri):
+            _rm_tree(uri)
+        _rm_missing_ok(self.manifest_uri)
+        self._clear_run_records()
         for uri in (self.scores_dir_uri(dataset), self.enhanced_root_uri):
-            fs, path = _fs(uri)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-            fs.invalidate_cache(path)
+            _rm_tree(uri)
+
+    def has_outputs(self, dataset: str) -> bool:
+        """True when markers or Parquet of this run id exist (e.g. left by a crashed clear)."""
+        return bool(self.done_shards() or self.parquet_shards(dataset))
+
+    def _refuse_live_lock(self, stale_after_s: float) -> None:
+        if self._token is not None:
+            return
+        holder = self.read_lock()
+        if holder is not None:
+            age = _lock_age(holder)
+            if age is None or age <= stale_after_s:
+                raise self._locked_error(holder, age, stale_after_s)
+
+    def _clear_run_records(self) -> None:
+        """Everything left under ``runs/<run_id>/`` except the lock this instance holds."""
         fs, run_path = _fs(self.run_uri)
         if not fs.exists(run_path):
             return
@@ -482,6 +566,16 @@ class RunStore:
             if not keep:
                 with contextlib.suppress(OSError):
                     os.rmdir(run_path)
+
+
+def _rm_tree(uri: str) -> None:
+    fs, path = _fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.invalidate_cache(path)
+
+
+_TEMP_NAME = re.compile(r"\..+\.tmp-[0-9a-f]{8}")  # storage.uri.write_bytes' local temps
 
 
 def _shard(shard: int) -> int:
@@ -504,8 +598,8 @@ def _lock_age(holder: dict, fs=None, path: str | None = None) -> float | None:
     return None if ts is None else max(0.0, time.time() - float(ts))
 
 
-def _list_shard_files(dir_uri: str) -> dict[int, str]:
-    """{shard index: path} of the ``shard-NNNNN.json`` files directly in a folder."""
+def _list_shard_files(dir_uri: str, pattern: re.Pattern = _SHARD_JSON) -> dict[int, str]:
+    """{shard index: path} of the ``shard-NNNNN.json`` (or ``pattern``) files in a folder."""
     fs, path = _fs(dir_uri)
     try:
         names = fs.ls(path, detail=False)
@@ -513,7 +607,7 @@ def _list_shard_files(dir_uri: str) -> dict[int, str]:
         return {}
     out: dict[int, str] = {}
     for name in names:
-        m = _SHARD_JSON.match(name.rstrip("/").rsplit("/", 1)[-1])
+        m = pattern.match(name.rstrip("/").rsplit("/", 1)[-1])
         if m:
             out[int(m.group(1))] = name
     return out
@@ -559,37 +653,42 @@ def list_run_ids(output_uri: str) -> list[str]:
 
 @dataclass
 class RunStatus:
-    """Where a run stands, from its manifest and markers only."""
+    """Where a run stands, from its manifest, markers and the Parquet files they vouch for."""
 
     run_id: str
     dataset: str | None
     input_uri: str | None
     shards_total: int
-    done: list[int] = field(default_factory=list)
+    done: list[int] = field(default_factory=list)  # a marker and its Parquet file
     failed: list[int] = field(default_factory=list)  # failed and not done since
-    pending: list[int] = field(default_factory=list)  # neither done nor failed
+    pending: list[int] = field(default_factory=list)  # not done and not failed
     rows: int = 0  # sum of the done markers' "rows"
     errors: int = 0  # sum of the done markers' "errors"
     images: int = 0  # files in the plan
     created_at: str | None = None
+    # marked done but its Parquet is gone (also in ``pending``: the next run redoes them)
+    missing_parquet: list[int] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        return not self.pending and not self.failed
+        return not self.pending and not self.failed and not self.missing_parquet
 
 
 def run_status(output_uri: str, run_id: str) -> RunStatus:
-    """Status of a run from its manifest and markers (FileNotFoundError if no manifest)."""
+    """Status of a run from its manifest, markers and Parquet listing (FileNotFoundError if
+    no manifest). A marker whose Parquet file is missing does not count as done."""
     store = RunStore(output_uri, run_id)
     manifest = store.read_manifest()
     plan = manifest.get("plan") or []
     indices = sorted(int(s["index"]) for s in plan)
-    images = sum(len(s.get("files") or ()) for s in plan)
     markers = store.read_markers()
+    written = store.parquet_shards(manifest["dataset"]) if manifest.get("dataset") else set()
+    missing = [i for i in indices if i in markers and i not in written]
+    markers = {i: m for i, m in markers.items() if i in written}
     failures = store.read_failures()
     done = [i for i in indices if i in markers]
     failed = [i for i in indices if i in failures and i not in markers]
-    pending = [i for i in indices if i not in markers and i not in failures]
+    pending = [i for i in indices if i not in markers and i not in failed]
     return RunStatus(
         run_id=run_id,
         dataset=manifest.get("dataset"),
@@ -600,6 +699,7 @@ def run_status(output_uri: str, run_id: str) -> RunStatus:
         pending=pending,
         rows=sum(int(markers[i].get("rows") or 0) for i in done),
         errors=sum(int(markers[i].get("errors") or 0) for i in done),
-        images=images,
+        images=sum(len(s.get("files") or ()) for s in plan),
         created_at=manifest.get("created_at"),
+        missing_parquet=missing,
     )

@@ -8,6 +8,7 @@ explicitly so a private endpoint (MinIO, moto) works with every botocore version
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import re
@@ -33,9 +34,55 @@ def storage_options(uri: str) -> dict:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path inside it."""
+    """The fsspec filesystem for ``uri`` and the path inside it (credentials a
+    :func:`hide_credentials` took out put back: the only place they are used)."""
+    uri = reveal_credentials(uri)
     fs, path = url_to_fs(uri, **storage_options(uri))
     return fs, path
+
+
+# ---- credentials in URIs ---------------------------------------------------------------
+# ``ftp://user:secret@host/x`` given on the command line must reach the filesystem, and
+# nothing else: not the manifest, Prefect's flow-run parameters, MLflow or a log line. The
+# entry points hide the userinfo (``ftp://***@host/x``, the form ``tracking.redact`` writes)
+# and keep it in this process' environment, keyed by scheme and host, so Dask worker
+# processes started from here resolve it too; a run id does not change with a password.
+CREDENTIALS_ENV = "VARLIDE_URI_CREDENTIALS"
+HIDDEN_USERINFO = "***"
+_USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^/@\s]+)@(?P<host>[^/\s]*)")
+
+
+class HiddenCredentialsError(ValueError):
+    """A URI whose credentials were hidden in another process (or never given)."""
+
+
+def _credential_table() -> dict[str, str]:
+    raw = os.environ.get(CREDENTIALS_ENV)
+    return json.loads(raw) if raw else {}
+
+
+def hide_credentials(uri: str) -> str:
+    """``scheme://user:secret@host/x`` -> ``scheme://***@host/x``, the userinfo kept here."""
+    match = _USERINFO.match(uri) if uri else None
+    if match is None or match["user"] == HIDDEN_USERINFO:
+        return uri
+    table = _credential_table()
+    table[match["scheme"] + match["host"]] = match["user"]
+    os.environ[CREDENTIALS_ENV] = json.dumps(table)
+    return f"{match['scheme']}{HIDDEN_USERINFO}@{uri[match.start('host'):]}"
+
+
+def reveal_credentials(uri: str) -> str:
+    """The URI :func:`hide_credentials` was given (unchanged when nothing is hidden)."""
+    match = _USERINFO.match(uri) if "@" in uri else None
+    if match is None or match["user"] != HIDDEN_USERINFO:
+        return uri
+    user = _credential_table().get(match["scheme"] + match["host"])
+    if user is None:
+        raise HiddenCredentialsError(
+            f"{uri}: its credentials are not known to this process (pass the URI with its "
+            f"user:password, or set {CREDENTIALS_ENV} where the worker runs)")
+    return f"{match['scheme']}{user}@{uri[match.start('host'):]}"
 
 
 def is_local(uri: str) -> bool:
@@ -50,15 +97,17 @@ def safe_relpath(rel: str) -> str:
     """Normalise a relative key and refuse one that would leave its root.
 
     Refused: empty, absolute (``/x``, ``\\x``), a drive (``C:x``), a URL (``s3://x``),
-    any ``..`` component, a NUL character. Backslashes become ``/``.
+    any ``..`` component, a NUL character. A backslash is an ordinary character of the
+    name, kept as it is: POSIX file names and S3 keys may hold one, and turning it into
+    ``/`` would read ``a/b.png`` for the file ``a\\b.png`` and write both outputs to one
+    name. A ``..`` between backslashes is refused all the same (a reader that splits on
+    them must not escape either).
     """
     if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or _DRIVE.match(rel):
         raise UnsafePathError(f"refusing absolute or empty path {rel!r}")
     if "\x00" in rel or "://" in rel:
         raise UnsafePathError(f"refusing path with a NUL or a protocol: {rel!r}")
-    rel = rel.replace("\\", "/")
-    parts = rel.split("/")
-    if any(p == ".." for p in parts):
+    if ".." in rel.replace("\\", "/").split("/"):
         raise UnsafePathError(f"refusing path that escapes its root: {rel!r}")
     norm = posixpath.normpath(rel)
     if norm in (".", "") or norm.startswith("../"):
