@@ -14,9 +14,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -38,6 +41,9 @@ def _enhance_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, help="images per shard (default 256)")
     p.add_argument("--run-id", help="run id (default: hash of input + output-changing config)")
     p.add_argument("--fresh", action="store_true", help="discard this run id's outputs first")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="process the run's error rows again (a new attempt of each shard "
+                   "that has any; the replaced rows stay under runs/ID/history/)")
     p.add_argument("--workers", type=int, help="shards in flight on this machine")
     p.add_argument("--dask", metavar="ADDRESS", help="run the shards on a Dask cluster: its "
                    "scheduler address (tcp://host:8786), or local:N for N worker processes "
@@ -93,14 +99,22 @@ def _start_prefect_server() -> None:
 
 def cmd_enhance(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in CONFIG_FLAGS}
-    cfg = load_config(args.config, overrides)
+    cfg = _config(args.config, overrides)
+    args.input, args.output, cfg = _hide_credentials(args.input, args.output, cfg)
+    check_stages(cfg)  # a typo or a missing GPU: exit 2 now, not after a server and retries
+    _check_locations(args.input, args.output)
+    cfg = _pin_registry_weights(cfg)
+    finished = _finished_run(args, cfg)
+    if finished is not None:
+        _print_nothing_to_do(finished, args.json)
+        return EXIT_OK
     if not args.dry_run:
         _start_prefect_server()
     from varlide.run import prepare_run
 
-    cfg = _pin_registry_weights(cfg)
     if args.dry_run:
-        plan = prepare_run(args.input, args.output, cfg, fresh=args.fresh, write=False)
+        plan = prepare_run(args.input, args.output, cfg, fresh=args.fresh, write=False,
+                           retry_errors=args.retry_errors)
         print(plan.describe())
         print(_weights_needed(cfg))
         _preflight(cfg)  # missing weights: an error naming them (exit 2)
@@ -109,14 +123,165 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     _preflight(cfg)  # before the run starts, not in a worker
     from flows.enhance import run_enhance  # its imports overlap the server's start
 
-    summary = run_enhance(args.input, args.output, cfg, fresh=args.fresh)
-    _print_summary(summary, args.json)
+    if not args.verbose:
+        _quiet_prefect_tracebacks()
+
+    summary = run_enhance(args.input, args.output, cfg, fresh=args.fresh,
+                          retry_errors=args.retry_errors)
+    _print_summary({**summary, "nothing_to_do": False} if args.json else summary, args.json)
     if summary["failed_shards"]:
+        reasons = sorted(set((summary.get("failures") or {}).values()))
         print(f"error: shard(s) failed after retries: "
               f"{', '.join(f'{i:05d}' for i in summary['failed_shards'])}; "
-              "re-run the same command to retry them", file=sys.stderr)
+              "re-run the same command to retry them"
+              + (f"; cause: {reasons[0]}" if reasons else "")
+              + (f" (and {len(reasons) - 1} other cause(s))" if len(reasons) > 1 else ""),
+              file=sys.stderr)
         return EXIT_FAILED_SHARDS
     return EXIT_OK
+
+
+class _NoTraceback(logging.Filter):
+    """Prefect logs each failed task with its traceback; the CLI says the cause in one
+    line per shard and once at the end (``--verbose`` keeps the tracebacks)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.startswith("prefect"):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_prefect_tracebacks() -> None:
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith("prefect")]
+    for handler in {h for lg in [logging.root, *loggers] for h in lg.handlers}:
+        if not any(isinstance(f, _NoTraceback) for f in handler.filters):
+            handler.addFilter(_NoTraceback())
+
+
+def _hide_credentials(input_uri: str, output_uri: str, cfg):
+    """Credentials in INPUT, OUTPUT or ``--reference`` out of every later print, plan and
+    record (kept for the filesystem only: ``storage.uri.hide_credentials``)."""
+    from varlide.storage.uri import hide_credentials
+
+    if cfg.reference:
+        cfg = cfg.model_copy(update={"reference": hide_credentials(cfg.reference)})
+    return hide_credentials(input_uri), hide_credentials(output_uri), cfg
+
+
+def _config(path: str | None, overrides: dict[str, Any]):
+    """``load_config`` with a config file that cannot be read or parsed as a usage error
+    (exit 2 naming the file), not a traceback."""
+    import yaml
+
+    try:
+        return load_config(path, overrides)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read as a config file: {exc}") from None
+
+
+def _known(kind: str, name: str, names: list[str]) -> None:
+    """ConfigError for a name that is not among ``names``, listing them (and near misses)."""
+    if name in names:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(names))}{hint}")
+
+
+def check_stages(cfg) -> None:
+    """Every stage name and the device, checked against the registries before a server
+    starts or a plan is made: unchecked, a typo passed ``--dry-run`` and failed the real run
+    inside each shard task, after its retries (exit 1 after ~35 s). The registries fill as
+    their modules import (torch only: open_clip and pyiqa load when a stage is built, and
+    pyiqa's names are read from its table file)."""
+    from varlide.iqa.base import metric_info
+    from varlide.models import ENHANCERS
+    from varlide.priors import PRIORS
+    from varlide.registry import UnknownNameError
+
+    _known("enhancer", cfg.enhancer, ENHANCERS.names())
+    _known("prior", cfg.prior, [*PRIORS.names(), "auto"])
+    for name in cfg.quality_metric_names():
+        try:
+            metric_info(name)
+        except UnknownNameError as exc:
+            raise ConfigError(str(exc)) from None
+    _check_device(cfg)
+
+
+def _check_device(cfg) -> None:
+    """``device: cuda`` needs CUDA here, where the shards run (threads or ``local:N`` Dask
+    workers); a remote Dask cluster's GPUs are checked by the flow, on its workers."""
+    if cfg.device != "cuda" or (cfg.dask and not cfg.dask.startswith("local:")):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but CUDA is not available on this "
+                          f"machine (torch {torch.__version__}); valid here: auto, cpu")
+
+
+def _check_locations(input_uri: str, output_uri: str) -> None:
+    """A local INPUT must be a folder and a local OUTPUT a folder or absent: found here,
+    before a server starts, instead of in the flow's planning task (or as a traceback)."""
+    if "://" not in input_uri:
+        path = os.path.expanduser(input_uri)
+        if not os.path.exists(path):
+            raise ConfigError(f"input not found: {input_uri}")
+        if not os.path.isdir(path):
+            raise ConfigError(f"input {input_uri} is not a folder (INPUT is a folder or an "
+                              "object-store prefix of images)")
+    if "://" not in output_uri:
+        path = os.path.expanduser(output_uri)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"output {output_uri} exists and is not a folder")
+
+
+def _finished_run(args: argparse.Namespace, cfg) -> dict[str, Any] | None:
+    """The summary of the run this command would only resume when every shard of it is
+    done: recorded in MLflow here, without Prefect, so rerunning a finished command costs
+    seconds rather than a temporary server's 20-30 s start-up. None when there is work
+    (or ``--fresh``, ``--dry-run``, a retry of error rows): the flow decides then."""
+    if args.fresh or args.dry_run or args.retry_errors:
+        return None
+    from varlide.run import resolve_run
+    from varlide.storage.runstore import RunStore, run_status
+
+    target = resolve_run(args.input, args.output, cfg)  # a cheap first look: no listing
+    output, run_id = target.output_uri, target.run_id
+    if not RunStore(output, run_id).exists() or not run_status(output, run_id).complete:
+        return None
+    return _record_finished(args, cfg, run_id)
+
+
+def _record_finished(args: argparse.Namespace, cfg, run_id: str) -> dict[str, Any] | None:
+    """prepare_run's own view of the finished run (its rules, new files since), recorded
+    under the run's lock as the flow would with nothing left to run."""
+    from varlide.engine import worker_name
+    from varlide.run import prepare_run, record_run
+    from varlide.storage.runstore import RunStore
+
+    plan = prepare_run(args.input, args.output, cfg, write=False)
+    if plan.run_id != run_id or plan.pending:
+        return None
+    session = {"failed_shards": [], "processed_images": 0, "seconds": 0.0,
+               "workers": cfg.workers, "worker": worker_name(), "shards_run": 0}
+    with RunStore(plan.output_uri, plan.run_id).lock(owner=worker_name()):
+        return record_run(plan, session)
+
+
+def _print_nothing_to_do(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_summary({**summary, "nothing_to_do": True}, True)
+        return
+    _print_summary(summary, False)
+    print(f"nothing to do: every shard of run {summary['run_id']} is done "
+          "(--fresh starts it over)")
 
 
 def _pin_registry_weights(cfg):
@@ -191,7 +356,7 @@ WEIGHTS_FLAGS = ("prior", "prior_model", "metrics", "reference_metrics", "enhanc
 def cmd_weights(args: argparse.Namespace) -> int:
     from varlide import weights
 
-    cfg = load_config(args.config, {k: getattr(args, k) for k in WEIGHTS_FLAGS})
+    cfg = _config(args.config, {k: getattr(args, k) for k in WEIGHTS_FLAGS})
     if cfg.weights_cache:
         os.environ["VARLIDE_WEIGHTS_CACHE"] = cfg.weights_cache
     if args.action in ("mirror", "sync") and not args.uri:
@@ -266,7 +431,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from varlide.run import canonical_uri
     from varlide.weights import set_offline
 
-    cfg = load_config(args.config, {k: getattr(args, k) for k in (
+    cfg = _config(args.config, {k: getattr(args, k) for k in (
         "prior", "prior_model", "enhancer", "enhancer_weights", "device")})
     if cfg.weights_cache:
         os.environ["VARLIDE_WEIGHTS_CACHE"] = cfg.weights_cache
@@ -750,21 +915,58 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _sigterm_as_interrupt()
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        return _stopped(signal.SIGINT)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError) as exc:  # INPUT, --config, weights
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as exc:
+    except OSError as exc:
+        if exc.errno not in _STORE_ERRNOS:
+            raise
+        print(f"error: the output store refused a write: {exc}; nothing written is corrupt "
+              "(free space or fix the store, then re-run the same command)", file=sys.stderr)
+        return EXIT_FAILED_SHARDS
+    except BaseException as exc:
         from varlide.storage.runstore import RunLockedError
 
         if isinstance(exc, RunLockedError):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_LOCKED
+        if type(exc).__name__ == "TerminationSignal":  # Prefect's SIGTERM inside a flow
+            return _stopped(signal.SIGTERM)
         raise
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside a flow, handled like Ctrl-C (Prefect's own handler runs in one)."""
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(signum, frame):
+        raise _Terminated()
+
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding caller)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _stopped(sig: signal.Signals) -> int:
+    """A signal stopped the command: no shard was finished after its lock was let go."""
+    if sig == signal.SIGINT and isinstance(sys.exc_info()[1], _Terminated):
+        sig = signal.SIGTERM
+    print(f"stopped by {sig.name}: the shards that finished are kept (markers under "
+          "OUTPUT/runs/RUN_ID/done); re-run the same command to resume the rest",
+          file=sys.stderr)
+    return 128 + int(sig)
+
+
+# a full, read-only or over-quota output store: the run's cause, said in one line
+_STORE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
 
 
 if __name__ == "__main__":

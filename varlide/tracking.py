@@ -1,10 +1,12 @@
 """MLflow helpers: one MLflow run per varlide run id, resumed when the run id comes back.
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI`` (default: a SQLite file ``mlflow.db`` in
-the working directory). Output-changing config goes in as params (they cannot change within
-a run id); execution details (workers, device, ...) go in as tags, which may change on a
-resume. Run metrics are logged from the summary of all shards' Parquet. Nothing here reads
-credentials, and URIs are redacted before they are logged.
+the working directory); a relative SQLite path is made absolute when the URI is read, so the
+store is one fixed file whatever directory a later step (resume, report) runs in.
+Output-changing config goes in as params (they cannot change within a run id); execution
+details (workers, device, ...) go in as tags, which may change on a resume. Run metrics are
+logged from the summary of all shards' Parquet. Nothing here reads credentials, and URIs
+are redacted before they are logged.
 """
 
 from __future__ import annotations
@@ -28,7 +30,44 @@ def redact(text: str) -> str:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The MLflow store: ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``, a relative SQLite
+    path resolved against the working directory now. Left relative, SQLAlchemy would resolve
+    it at each connection, so a run resumed (or reported) from another directory would
+    silently open a new, empty store and a new MLflow run."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return absolute_sqlite_uri(_credentials_to_env(uri))
+
+
+def _credentials_to_env(uri: str) -> str:
+    """``http://user:secret@host`` -> ``http://host``, with MLflow's own
+    ``MLFLOW_TRACKING_USERNAME`` / ``PASSWORD`` set from it (unless set already): MLflow
+    sends them as basic auth, and never prints them (its "View run at" line prints the
+    tracking URI)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    if parts.username is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    clean = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:
+        os.environ["MLFLOW_TRACKING_URI"] = clean  # what MLflow itself reads, cleaned too
+    return clean
+
+
+def absolute_sqlite_uri(uri: str) -> str:
+    """``sqlite:///rel/x.db`` -> ``sqlite:////<cwd>/rel/x.db`` (a query string kept); absolute
+    and in-memory SQLite URIs and every other scheme are returned as they are."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return uri
+    path, sep, query = uri.removeprefix(prefix).partition("?")
+    if not path or path == ":memory:" or os.path.isabs(path):
+        return uri
+    return f"{prefix}{os.path.abspath(path)}{sep}{query}"
 
 
 def _default_artifact_location() -> str | None:
