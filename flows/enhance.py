@@ -33,6 +33,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.context import FlowRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
@@ -42,7 +43,8 @@ from tasks.runs import plan_run_task, record_run_task
 from tasks.shards import process_shard_task
 from varlide import allocator, progress
 from varlide.config import Config, ConfigError
-from varlide.engine import worker_name
+from varlide.engine import clear_stop, worker_name
+from varlide.run import RunPlan, resolve_run
 from varlide.storage.runstore import RunStore
 
 
@@ -139,56 +141,108 @@ def _shard_annotations(cfg: Config, logger) -> contextlib.AbstractContextManager
     return dask.annotate(resources={"GPU": 1})
 
 
-@flow(name="varlide-enhance", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def enhance_flow(input_uri: str, output_uri: str, config: dict[str, Any],
-                 fresh: bool = False) -> dict[str, Any]:
-    """Score (and enhance) every image of INPUT into OUTPUT; resumable by run id."""
-    logger = get_run_logger()
-    cfg = Config(**config)
-    plan = plan_run_task(input_uri, output_uri, cfg, fresh)
-    logger.info(plan.describe())
-    store = RunStore(plan.output_uri, plan.run_id)
+def _run_shards(plan: RunPlan, store: RunStore, logger) -> tuple[dict[int, str], int, int]:
+    """Map the pending shards (holding the run's lock): ``(failed {index: reason}, images
+    processed, shards run)``. A shard failed after its retries gets its failure marker."""
+    cfg = plan.config
     task = process_shard_task.with_options(
         retries=cfg.retries, retry_delay_seconds=exponential_backoff(cfg.retry_delay_s)
         if cfg.retry_delay_s > 0 else 0)
-    started = time.perf_counter()
     failed: dict[int, str] = {}
     processed = 0
-    reporter = progress.Progress(plan.images, plan.images - sum(len(s.files) for s in plan.pending),
+    to_do = sum(len(s.files) for s in plan.pending) + sum(plan.retry.values())
+    reporter = progress.Progress(plan.images, plan.images - to_do,
                                  show_bar=cfg.progress, desc=f"run {plan.run_id}")
     per_batch = not cfg.dask  # tasks in this process report per batch; Dask ones cannot
     if per_batch:
         progress.register(plan.run_id, reporter)
-    with store.lock(owner=worker_name()):
+    try:
         artifact = create_progress_artifact(
             100.0 * len(plan.done) / max(1, len(plan.shards)),
             key=_artifact_key(plan.run_id, "progress"), description=f"run {plan.run_id}")
         with _shard_annotations(cfg, logger):
-            futures = {task.submit(plan.job(s)): s.index for s in plan.pending}
+            futures = {task.submit(plan.job(s)): s.index for s in plan.to_run}
         done = len(plan.done)
         try:
             for future in as_completed(list(futures)):
                 index = futures[future]
                 try:
                     result = future.result()
-                    processed += result.rows
+                    rows = plan.retry.get(index, result.rows)  # a retry redoes its errors
+                    processed += rows
                     if not per_batch:
-                        reporter.update(result.rows, result.errors)
+                        reporter.update(rows, result.errors)
                 except Exception as exc:  # after its retries
                     failed[index] = f"{type(exc).__name__}: {exc}"
-                    store.write_failure(index, failed[index])
-                    logger.error("shard %05d failed after %d retries: %s", index, cfg.retries,
-                                 failed[index])
+                    _record_failure(store, index, failed[index], cfg.retries, logger)
                 done += 1
                 store.heartbeat()
                 update_progress_artifact(artifact, 100.0 * done / max(1, len(plan.shards)))
-        finally:
-            progress.unregister(plan.run_id)
-            reporter.close()
+        except (KeyboardInterrupt, TerminationSignal):
+            _stop_in_flight(list(futures), store, logger)
+            raise
+    finally:
+        progress.unregister(plan.run_id)
+        reporter.close()
+    return failed, processed, len(futures)
+
+
+def _record_failure(store: RunStore, index: int, reason: str, retries: int, logger) -> None:
+    try:
+        store.write_failure(index, reason)
+    except OSError as exc:  # the store that failed the shard (ENOSPC) may refuse this too
+        logger.error("shard %05d: its failure marker could not be written: %s", index, exc)
+    logger.error("shard %05d failed after %d retries: %s", index, retries, reason)
+
+
+STOP_WAIT_S = 30.0  # how long a stop waits for the shards in flight to end
+
+
+def _stop_in_flight(futures: list, store: RunStore, logger) -> None:
+    """SIGTERM / Ctrl-C: shards in this process end at their next batch, unwritten
+    (``engine.request_stop``); the lock is released only once none is left running, else
+    abandoned (it names this pid, dead a moment later: the next run here takes it over)."""
+    from varlide.engine import request_stop
+
+    request_stop()
+    logger.warning("stopping: waiting up to %.0f s for the shards in flight", STOP_WAIT_S)
+    deadline = time.monotonic() + STOP_WAIT_S
+    try:
+        for future in futures:
+            future.wait(max(0.0, deadline - time.monotonic()))
+    except (KeyboardInterrupt, TerminationSignal):  # a second signal: leave now
+        store.abandon()
+        raise
+    if any(future.state.is_running() or future.state.is_pending() for future in futures):
+        logger.warning("shards still running after %.0f s: leaving the lock %s to this "
+                       "process' pid", STOP_WAIT_S, store.lock_uri)
+        store.abandon()
+
+
+@flow(name="varlide-enhance", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def enhance_flow(input_uri: str, output_uri: str, config: dict[str, Any],
+                 fresh: bool = False, retry_errors: bool = False) -> dict[str, Any]:
+    """Score (and enhance) every image of INPUT into OUTPUT; resumable by run id.
+
+    The run's lock is taken before anything is written, on the id ``resolve_run`` decides
+    (planning uses the same): a second start of a live run is refused (RunLockedError)
+    before it can clear (``--fresh``), replan or rewrite the live run's manifest.
+    ``retry_errors``: a new attempt at the error rows of shards already done."""
+    logger = get_run_logger()
+    target = resolve_run(input_uri, output_uri, Config(**config))
+    cfg = target.config
+    store = RunStore(target.output_uri, target.run_id)
+    clear_stop()
+    with store.lock(owner=worker_name()):
+        plan = plan_run_task(target.input_uri, target.output_uri, cfg, fresh, store,
+                             retry_errors)
+        logger.info(plan.describe())
+        started = time.perf_counter()
+        failed, processed, shards_run = _run_shards(plan, store, logger)
         session = {
             "failed_shards": sorted(failed), "processed_images": processed,
             "seconds": round(time.perf_counter() - started, 3), "workers": cfg.workers,
-            "worker": worker_name(), "shards_run": len(futures),
+            "worker": worker_name(), "shards_run": shards_run,
         }
         summary = record_run_task(plan, session)
     summary["failures"] = {str(k): v for k, v in failed.items()}
@@ -204,13 +258,18 @@ def enhance_flow(input_uri: str, output_uri: str, config: dict[str, Any],
     return summary
 
 
-def run_enhance(input_uri: str, output_uri: str, cfg: Config, fresh: bool = False
-                ) -> dict[str, Any]:
-    """Run the flow: ``cfg.workers`` shards in flight here, or on Dask (``cfg.dask``)."""
+def run_enhance(input_uri: str, output_uri: str, cfg: Config, fresh: bool = False,
+                retry_errors: bool = False) -> dict[str, Any]:
+    """Run the flow: ``cfg.workers`` shards in flight here, or on Dask (``cfg.dask``).
+
+    The run is resolved first, so the flow run's parameters (stored by Prefect) hold the
+    canonical URIs with any credentials hidden (``storage.uri.hide_credentials``)."""
+    target = resolve_run(input_uri, output_uri, cfg)
     runner = task_runner_for(cfg)
     with _stages_ahead(cfg), prefect_api():
         return enhance_flow.with_options(task_runner=runner)(
-            input_uri, output_uri, cfg.model_dump(mode="json"), fresh)
+            target.input_uri, target.output_uri, target.config.model_dump(mode="json"),
+            fresh, retry_errors)
 
 
 @flow(name="varlide-enhance-job")

@@ -39,7 +39,7 @@ import socket
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,6 +86,7 @@ class ShardJob:
     output_uri: str
     shard: Shard
     config: dict[str, Any]  # Config.model_dump(mode="json")
+    retry_errors: bool = False  # a done shard: process only its error rows again
 
 
 @dataclass
@@ -98,10 +99,12 @@ class ShardResult:
     worker: str
     device: str
     stage_ms: dict[str, float] = field(default_factory=dict)
+    attempt: int = 0  # 0: the first; each --retry-errors of the shard adds one
 
     def as_marker(self) -> dict[str, Any]:
         return {
             "shard": self.shard, "rows": self.rows, "errors": self.errors,
+            "attempt": self.attempt,
             "parquet": self.parquet_uri, "seconds": round(self.seconds, 3),
             "worker": self.worker, "device": self.device, "stage_ms": self.stage_ms,
             "finished_at": datetime.now(UTC).isoformat(),
@@ -583,6 +586,30 @@ _PER_IMAGE_WRITE_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.ENO
                                      errno.EINVAL, errno.EEXIST})
 
 
+class ShardStopped(RuntimeError):
+    """The run is stopping (SIGTERM, Ctrl-C): the shard ends before its Parquet and marker,
+    so a stop never finishes a shard after the run has let go of its lock."""
+
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask the shards running in this process to end at their next batch, unwritten."""
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    """A new run in this process starts unstopped."""
+    _STOP.clear()
+
+
+def _check_stop(job: ShardJob) -> None:
+    if _STOP.is_set():
+        raise ShardStopped(f"shard {job.shard.index:05d} of run {job.run_id}: the run is "
+                           "stopping")
+
+
 class OutputStoreError(RuntimeError):
     """The output store refused a write for a reason that is not the image's (e.g. ENOSPC)."""
 
@@ -677,10 +704,44 @@ def process_shard(job: ShardJob, progress: ProgressCallback | None = None) -> Sh
     cfg = Config(**job.config)
     allocator.tune()  # thresholds now; the arena limit only if no thread existed yet (cli)
     set_torch_threads(cfg.torch_threads)
+    _check_stop(job)
     stages = get_stages(cfg)
     lanes, intra_op = compute_plan(stages.device, cfg.workers)
     with _intra_op_threads(intra_op):
+        if job.retry_errors:
+            return _retry_shard_errors(job, cfg, stages, lanes, progress)
         return _process_shard(job, cfg, stages, lanes, progress)
+
+
+def _retry_shard_errors(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
+                        progress: ProgressCallback | None) -> ShardResult:
+    """A new attempt at a done shard's ``error`` rows: the shard's Parquet then holds its
+    ``ok`` rows unchanged and one new row per retried file (one current row per image).
+
+    The attempt it replaces is kept first under ``runs/<run_id>/history/`` (never
+    overwritten, so a crash between the steps keeps the original), then the Parquet is
+    replaced in one write, then the marker (``attempt`` + 1). A shard without error rows, or
+    whose Parquet is missing, is left to the normal path."""
+    from varlide.storage.results import read_table
+
+    store = RunStore(job.output_uri, job.run_id)
+    uri = store.scores_uri(job.dataset, job.shard.index)
+    marker = store.read_markers().get(job.shard.index)
+    try:
+        old = read_table(uri).to_pylist()
+    except FileNotFoundError:
+        old = None
+    if marker is None or old is None:
+        return _process_shard(job, cfg, stages, lanes, progress)
+    failed = {r["rel_path"] for r in old if r["status"] == "error"}
+    attempt = int(marker.get("attempt") or 0)
+    if not failed:
+        return ShardResult(job.shard.index, len(old), 0, uri, 0.0, worker_name(),
+                           str(stages.device), attempt=attempt)
+    store.keep_attempt(job.dataset, job.shard.index, attempt)
+    files = [f for f in job.shard.files if f.rel_path in failed]
+    kept = [r for r in old if r["rel_path"] not in failed]
+    return _process_shard(job, cfg, stages, lanes, progress, files, kept, attempt + 1)
 
 
 class _Ledger:
@@ -730,9 +791,13 @@ def _output_bytes(output: Output) -> int:
 
 
 def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
-                   progress: ProgressCallback | None) -> ShardResult:
+                   progress: ProgressCallback | None, files: list[PlannedFile] | None = None,
+                   kept: Sequence[dict[str, Any]] = (), attempt: int = 0) -> ShardResult:
     """Decode ahead, batch by size, compute in ``lanes``, write behind: every image is
-    admitted only while the bytes held stay inside the shard's memory budget."""
+    admitted only while the bytes held stay inside the shard's memory budget.
+
+    ``files``: the shard's files to process (default: all); ``kept``: rows of earlier
+    attempts written with the new ones (a retry of the error rows)."""
     store = RunStore(job.output_uri, job.run_id)
     metric_names = cfg.quality_metric_names()
     started = time.perf_counter()
@@ -747,7 +812,7 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
     rows: list[dict[str, Any]] = []
     buckets: dict[tuple[int, int], list[Loaded]] = defaultdict(list)
     window = max(cfg.batch_size * 2, cfg.decode_threads * 2)
-    files = list(job.shard.files)
+    files = list(job.shard.files if files is None else files)
     pending: deque[Future[Loaded]] = deque()
     write_jobs: list[Future] = []
     computing: deque[tuple[list[Loaded], Future]] = deque()  # at most ``lanes`` batches
@@ -834,6 +899,7 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
     try:
         with ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode") as io_pool:
             while pending or next_index < len(files):
+                _check_stop(job)
                 top_up()
                 if not pending:  # nothing may start: the budget is full
                     make_room()
@@ -856,8 +922,9 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
     processed_at = datetime.now(UTC)
     for row in rows:
         row["processed_at"] = processed_at
-    rows.sort(key=lambda r: r["rel_path"])
+    rows = sorted([*kept, *rows], key=lambda r: r["rel_path"])
     parquet_uri = store.scores_uri(job.dataset, job.shard.index)
+    _check_stop(job)
     write_rows(rows, metric_names, parquet_uri)
     stage_ms = {
         k: float(sum(r.get(k) or 0.0 for r in rows))
@@ -867,6 +934,7 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
         shard=job.shard.index, rows=len(rows),
         errors=sum(r["status"] == "error" for r in rows), parquet_uri=parquet_uri,
         seconds=time.perf_counter() - started, worker=worker, device=device, stage_ms=stage_ms,
+        attempt=attempt,
     )
     store.write_marker(job.shard.index, result.as_marker())
     return result
