@@ -5,9 +5,16 @@ Layout under the output URI ``<out>`` (any fsspec URI)::
     <out>/scores/<dataset>/<run_id>/shard-NNNNN.parquet
     <out>/enhanced/<run_id>/<relative path>
     <out>/runs/<run_id>/manifest.json        input, effective config, shard plan
-    <out>/runs/<run_id>/done/shard-NNNNN.json    written last, per shard: the truth of "done"
+    <out>/runs/<run_id>/done/shard-NNNNN.json    written last, per shard
     <out>/runs/<run_id>/failed/shard-NNNNN.json  a shard that failed after its retries
+    <out>/runs/<run_id>/history/shard-NNNNN.attempt-K.parquet  rows --retry-errors replaced
     <out>/runs/<run_id>/lock.json            held while a run is live
+
+Departure from DESIGN.md ("the markers are the one source of truth for done"): a shard is
+done when its marker *and* its Parquet exist (:meth:`RunStore.verified_done`). A marker
+alone outlived its rows after a deleted ``scores/`` or an interrupted ``--fresh``, and the
+run then reported 400 of 400 rows "complete" with none left; rows are what a run delivers.
+The check costs one listing of the run's scores folder.
 
 JSON files are small and written whole: temp + rename on a local disk, one PUT remotely.
 Reads drop fsspec's listing cache first, since another process may have written.
