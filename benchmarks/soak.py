@@ -43,6 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from proctree import alive, descendants  # noqa: E402
 
 BUCKET = "soak"
 POINTS = ("start-up", "mid-shard", "between-parquet-and-marker")
@@ -97,26 +98,8 @@ class Upstream:
         return self.fs.cat(keys) if keys else {}
 
 
-def descendants(pid: int) -> list:
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
-def alive(procs: list) -> list:
-    import psutil
-
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def verify(up: Upstream, rels: list[str]) -> dict:

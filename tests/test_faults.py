@@ -38,6 +38,8 @@ import pytest
 from conftest import REPO, make_rgb
 from faultproxy import FaultProxy
 from PIL import Image
+from proctree import alive as _alive
+from proctree import descendants as _descendants
 
 SEED = int(os.environ.get("VARLIDE_FAULT_SEED", "20261202"))
 LINUX = sys.platform.startswith("linux")
@@ -139,22 +141,8 @@ def _check_local_exactly_once(out: Path, rels: list[str], run_id: str | None = N
             "errors": statuses.count("error"), "shards": shards}
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def _processes_of(tag: str) -> list[str]:

@@ -19,6 +19,7 @@ import psutil
 import pytest
 from conftest import make_rgb
 from PIL import Image
+from proctree import alive as _alive
 
 GONE_WITHIN_S = 5.0
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -68,15 +69,6 @@ def _wait_for_server(proc: subprocess.Popen, timeout: float = 240.0) -> psutil.P
     raise AssertionError(f"no listening Prefect server child within {timeout:.0f} s")
 
 
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def _wait_for_dask_worker(proc: subprocess.Popen, timeout: float = 120.0) -> None:
