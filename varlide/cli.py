@@ -25,6 +25,7 @@ from typing import Any
 
 from varlide import allocator
 from varlide.config import ConfigError, load_config
+from varlide.pools import stuck_threads
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
@@ -76,6 +77,12 @@ def _enhance_parser(sub: argparse._SubParsersAction) -> None:
                    "available memory shared among the shards in flight, at most 1 GB)")
     p.add_argument("--iqa-max-side", type=int, help="long side cap for pyiqa measures")
     p.add_argument("--retries", type=int, help="retries of a failed shard (default 2)")
+    p.add_argument("--image-timeout", dest="image_timeout_s", metavar="SECONDS",
+                   help="read + decode time after which a file is an error row "
+                   "'timed out' (default 300; off: no limit)")
+    p.add_argument("--batch-timeout", dest="batch_timeout_s", metavar="SECONDS",
+                   help="compute time after which a batch's images are error rows "
+                   "'timed out' (default 1800; off: no limit)")
     p.add_argument("--experiment", help="MLflow experiment (default varlide-enhance)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -86,7 +93,8 @@ CONFIG_FLAGS = ("dataset", "shard_size", "run_id", "workers", "dask", "device", 
                 "enhancer_weights", "prior", "prior_model", "prior_calibration", "metrics",
                 "enhance", "include", "exclude", "limit",
                 "format", "quality", "apply_exif", "reference", "batch_size", "memory_budget",
-                "iqa_max_side", "retries", "experiment", "progress")
+                "iqa_max_side", "retries", "image_timeout_s", "batch_timeout_s", "experiment",
+                "progress")
 
 
 def _start_prefect_server() -> None:
@@ -916,6 +924,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _sigterm_as_interrupt()
+    code = _dispatch(args)
+    stuck = stuck_threads()
+    if stuck:  # a hang past a timeout: never join it at interpreter exit
+        print(f"warning: {stuck} thread(s) stuck past a timeout are left behind (their "
+              "files are error rows 'timed out'); exiting without them", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """The command, with each way it can fail mapped to its exit code."""
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -923,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, NotADirectoryError) as exc:  # INPUT, --config, weights
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:  # INPUT, config
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:

@@ -94,6 +94,13 @@ class Config(BaseModel):
                                       "at most 1 GB (varlide/memory.py)")
     retries: int = Field(2, ge=0, le=20)
     retry_delay_s: float = Field(2.0, ge=0)
+    image_timeout_s: float | None = Field(300.0, gt=0, description="seconds one file's read "
+                                          "+ decode may run; past it the file is an error "
+                                          "row 'timed out' and the shard goes on (None: no "
+                                          "limit)")
+    batch_timeout_s: float | None = Field(1800.0, gt=0, description="seconds one batch's "
+                                          "prior + enhancer + measures may run; past it its "
+                                          "images are error rows 'timed out' (None: no limit)")
     experiment: str = "varlide-enhance"
     progress: bool = True
     # --- weights (do not change outputs; varlide/weights.py) ---
@@ -126,6 +133,13 @@ class Config(BaseModel):
         if 0 < size < MIN_BUDGET:
             raise ValueError(f"at least {MIN_BUDGET >> 20} MB (or 'off'), got {value!r}")
         return size
+
+    @field_validator("image_timeout_s", "batch_timeout_s", mode="before")
+    @classmethod
+    def _timeout(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("off", "none", ""):
+            return None
+        return value
 
     @field_validator("dask")
     @classmethod

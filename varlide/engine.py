@@ -40,7 +40,6 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,6 +56,7 @@ from varlide.iqa.base import Metric, create_metric
 from varlide.iqa.measure import measure
 from varlide.memory import default_budget, format_size, image_cost, workspace_for
 from varlide.models.base import Enhancer, EnhanceResult, create_enhancer
+from varlide.pools import Inline, Pool, Task, TaskTimeout
 from varlide.priors.base import Prior
 from varlide.priors.calibration import prior_for_run
 from varlide.storage.plan import PlannedFile, Shard
@@ -257,12 +257,11 @@ def _read_and_decode(job: ShardJob, cfg: Config, file: PlannedFile,
                      device_io: bool = False) -> Loaded:
     """Read, hash and decode one file (I/O pool). With ``device_io`` a JPEG the device
     decodes is only read: its pixels come from its batch's one decode call."""
-    row: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "run_id": job.run_id, "dataset": job.dataset,
-        "shard": job.shard.index, "rel_path": file.rel_path, "size_bytes": file.size,
-        "status": "ok",
-    }
-    loaded = Loaded(file=file, row=row)
+    loaded = Loaded(file=file, row=_new_row(job, file))
+    row = loaded.row
+    if file.unread:  # the listing refused it: never opened
+        row.update(status="error", error=f"not read: {file.unread}", size_bytes=None)
+        return loaded
     t0 = time.perf_counter()
     data = _read(job, file, row)
     if data is None:
@@ -281,6 +280,19 @@ def _read_and_decode(job: ShardJob, cfg: Config, file: PlannedFile,
     if cfg.reference:
         loaded.reference = _load_reference(cfg, file.rel_path, *loaded.size())
     return loaded
+
+
+def _new_row(job: ShardJob, file: PlannedFile) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "run_id": job.run_id, "dataset": job.dataset,
+            "shard": job.shard.index, "rel_path": file.rel_path, "size_bytes": file.size,
+            "status": "ok"}
+
+
+def _timed_out(job: ShardJob, file: PlannedFile, what: str) -> Loaded:
+    """A fresh error row for a file whose work hung (the stuck thread keeps the old one)."""
+    row = _new_row(job, file)
+    row.update(status="error", error=f"timed out: {what}")
+    return Loaded(file=file, row=row)
 
 
 def _read(job: ShardJob, file: PlannedFile, row: dict[str, Any]) -> bytes | None:
@@ -689,16 +701,6 @@ def _intra_op_threads(n: int) -> Iterator[None]:
                 torch.set_num_threads(_THREADS_SAVED)
 
 
-def _done_future(fn: Callable[..., Any], *args: Any) -> Future:
-    """Run ``fn`` here and now, as a finished Future (the one-lane case)."""
-    fut: Future = Future()
-    try:
-        fut.set_result(fn(*args))
-    except BaseException as exc:  # re-raised by fut.result(), as from a pool
-        fut.set_exception(exc)
-    return fut
-
-
 def process_shard(job: ShardJob, progress: ProgressCallback | None = None) -> ShardResult:
     """Run one shard end to end: images, then its Parquet file, then its done marker."""
     cfg = Config(**job.config)
@@ -813,9 +815,9 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
     buckets: dict[tuple[int, int], list[Loaded]] = defaultdict(list)
     window = max(cfg.batch_size * 2, cfg.decode_threads * 2)
     files = list(job.shard.files if files is None else files)
-    pending: deque[Future[Loaded]] = deque()
-    write_jobs: list[Future] = []
-    computing: deque[tuple[list[Loaded], Future]] = deque()  # at most ``lanes`` batches
+    pending: deque[Task[Loaded]] = deque()
+    write_jobs: list[Task] = []
+    computing: deque[tuple[list[Loaded], Task]] = deque()  # at most ``lanes`` batches
     largest = 0  # bytes of the costliest image decoded so far: the guess for the next
     device_io = device_io_enabled(stages.device)  # decode + JPEG encode in the compute lane
 
@@ -827,30 +829,54 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
         if progress is not None:
             progress(len(items), errors)
 
-    def collect() -> None:
-        """Wait for the oldest batch in compute; queue its writes; count it done."""
-        batch, fut = computing.popleft()
+    def write(item: Loaded, out: Output, held: int) -> None:
         try:
-            outputs = fut.result()  # a StageError fails the shard
+            _write_enhanced(store, item, out, cfg.quality)
         finally:
+            ledger.release(held)
+
+    def collect() -> None:
+        """Wait for the oldest batch in compute; queue its writes; count it done. A batch
+        past ``batch_timeout_s`` becomes error rows; its stuck lane is left behind."""
+        batch, task = computing.popleft()
+        try:
+            outputs = task.result(cfg.batch_timeout_s, on_wait=stop_check)  # StageError fails
+        except TaskTimeout as exc:  # the shard
+            compute_pool.abandon()
             for item in batch:
-                item.release()  # free memory early
+                ledger.release(item.cost)
+            what = f"computing its batch of {len(batch)} {exc} (batch_timeout_s)"
+            log.warning("shard %05d: %s ... %s", job.shard.index, batch[0].file.rel_path, what)
+            finish([_timed_out(job, item.file, what) for item in batch])
+            return
+        finally:
+            if task.future.done():  # a stuck lane may still read its batch's pixels
+                for item in batch:
+                    item.release()  # free memory early
         for item, out in zip(batch, outputs, strict=True):
             kept = _output_bytes(out)
             ledger.release(item.cost - kept)
             if out is not None:
-                job_ = io_pool.submit(_write_enhanced, store, item, out, cfg.quality)
-                job_.add_done_callback(lambda _f, n=kept: ledger.release(n))
-                write_jobs.append(job_)
+                write_jobs.append(io_pool.submit(write, item, out, kept))
         finish(batch)
 
     def flush(key: tuple[int, int]) -> None:
         batch = buckets.pop(key)
-        args = (batch, stages, cfg, workspace, device_io)
-        computing.append((batch, _done_future(_run_batch, *args) if compute_pool is None
-                          else compute_pool.submit(_run_batch, *args)))
+        computing.append((batch, compute_pool.submit(_run_batch, batch, stages, cfg,
+                                                     workspace, device_io)))
         while len(computing) >= lanes:
             collect()
+
+    def take(task: Task[Loaded]) -> Loaded:
+        """The next read + decode; an error row once it runs past ``image_timeout_s``."""
+        try:
+            return task.result(cfg.image_timeout_s, on_wait=stop_check)
+        except TaskTimeout as exc:
+            io_pool.abandon()
+            file = task.args[2]
+            what = f"reading and decoding {exc} (image_timeout_s)"
+            log.warning("shard %05d: %s %s", job.shard.index, file.rel_path, what)
+            return _timed_out(job, file, what)
 
     def make_room() -> None:
         """Free bytes: compute what waits in buckets, else finish a batch, else a write."""
@@ -893,31 +919,35 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
         elif sum(len(b) for b in buckets.values()) >= window:
             flush(max(buckets, key=lambda k: len(buckets[k])))  # bound the images waiting
 
+    def stop_check() -> None:
+        _check_stop(job)
+
     next_index = 0
-    compute_pool = (ThreadPoolExecutor(lanes, thread_name_prefix="compute")
-                    if lanes > 1 else None)
+    # a lane of its own for one-lane compute only when a batch may time out
+    compute_pool = (Pool(lanes, "compute") if lanes > 1 or cfg.batch_timeout_s
+                    else Inline())
+    io_pool = Pool(cfg.decode_threads, "decode")
     try:
-        with ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode") as io_pool:
-            while pending or next_index < len(files):
-                _check_stop(job)
-                top_up()
-                if not pending:  # nothing may start: the budget is full
-                    make_room()
-                    continue
-                item = pending.popleft().result()
-                if not item.ready:
-                    finish([item])
-                else:
-                    admit(item)
-            for key in list(buckets):
-                flush(key)
-            while computing:
-                collect()
-            for fut in write_jobs:
-                fut.result()
+        while pending or next_index < len(files):
+            _check_stop(job)
+            top_up()
+            if not pending:  # nothing may start: the budget is full
+                make_room()
+                continue
+            item = take(pending.popleft())
+            if not item.ready:
+                finish([item])
+            else:
+                admit(item)
+        for key in list(buckets):
+            flush(key)
+        while computing:
+            collect()
+        for task in write_jobs:
+            task.result()
     finally:
-        if compute_pool is not None:
-            compute_pool.shutdown(wait=True)
+        io_pool.shutdown()
+        compute_pool.shutdown()
 
     processed_at = datetime.now(UTC)
     for row in rows:
