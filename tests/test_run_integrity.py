@@ -353,8 +353,72 @@ def test_fifo_and_links_to_it_are_skipped_not_listed(tmp_path):
     assert skipped == [SkippedEntry("pipe.png", NOT_REGULAR),
                        SkippedEntry("to-pipe.png", NOT_REGULAR)]
     plan = prepare_run(str(inp), str(tmp_path / "out"), _cfg(), write=False)
-    assert plan.images == 1 and "2 entries skipped" in plan.describe()
+    assert plan.images == 3 and "2 entries not read, an error row each" in plan.describe()
     assert "not a regular file" in plan.describe()
+    plan = _finish(inp, tmp_path / "out", _cfg())  # never opened: the run cannot hang
+    rows = _table(plan)
+    assert rows["good.png"]["status"] == "ok"
+    for name in ("pipe.png", "to-pipe.png"):
+        assert rows[name]["status"] == "error" and rows[name]["size_bytes"] is None
+        assert rows[name]["error"] == "not read: not a regular file"
+
+
+def _table(plan) -> dict[str, dict]:
+    table = read_run_scores(plan.output_uri, plan.dataset, plan.run_id)
+    return {r["rel_path"]: r for r in table.to_pylist()}
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_row(tmp_path, monkeypatch):
+    inp = tmp_path / "in"
+    _png(inp / "good.png")
+    _png(inp / "locked" / "hidden-from-us.png")
+    real_scandir = os.scandir
+
+    def scandir(path):  # root ignores permission bits; the refusal a user gets is this
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    plan = _finish(inp, tmp_path / "out", _cfg())
+    rows = _table(plan)
+    assert sorted(rows) == ["good.png", "locked/"]
+    assert rows["locked/"]["status"] == "error"
+    assert rows["locked/"]["error"] == "not read: folder cannot be listed: Permission denied"
+    assert rows["good.png"]["status"] == "ok"
+
+
+def test_an_input_folder_that_cannot_be_listed_is_a_clear_error(tmp_path, monkeypatch):
+    inp = tmp_path / "in"
+    _png(inp / "good.png")
+    monkeypatch.setattr(os, "scandir", lambda p: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", str(p))))
+    with pytest.raises(PermissionError, match="cannot list the input folder"):
+        list_corpus(str(inp))
+
+
+def test_s3_input_keys_that_escape_the_prefix_are_error_rows(s3_bucket, tmp_path):
+    import boto3
+
+    bucket = s3_bucket.removeprefix("s3://")
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    client.put_object(Bucket=bucket, Key="in/ok.png", Body=_png(tmp_path / "ok.png"))
+    for key in ("in/../evil.png", "in/a/../../evil2.png"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"not read")
+    cfg = _cfg()
+    plan = prepare_run(f"{s3_bucket}/in", str(tmp_path / "out"), cfg)
+    assert "2 entries not read, an error row each: object key escapes" in plan.describe()
+    for shard in plan.pending:
+        from varlide.engine import process_shard
+
+        process_shard(plan.job(shard))
+    rows = _table(plan)
+    assert sorted(rows) == ["../evil.png", "a/../../evil2.png", "ok.png"]
+    assert rows["ok.png"]["status"] == "ok"
+    for name in ("../evil.png", "a/../../evil2.png"):
+        assert rows[name]["status"] == "error" and rows[name]["sha256"] is None
+        assert rows[name]["error"] == "not read: object key escapes the input prefix"
+    assert not list((tmp_path / "out").rglob("evil*"))  # nothing written under that name
 
 
 def test_symlinks_out_of_the_root_are_not_followed(tmp_path, caplog):

@@ -123,19 +123,24 @@ def _planned_files(input_uri: str, cfg: Config) -> tuple[list[PlannedFile], list
                     out_format=name.pil_format, out_error=name.error)
         for f, (_, name) in zip(listed, names, strict=True)
     ]
-    notes = _skipped_notes(skipped)
+    if cfg.limit is None:  # a limited run plans its first N images only
+        files += [PlannedFile(e.rel_path, 0, unread=e.reason) for e in skipped]
+        files.sort(key=lambda f: f.rel_path)
+    notes = _skipped_notes(skipped, rows=cfg.limit is None)
     if cfg.enhance:
         notes += _collision_notes([f.out_rel_path for f in files if f.out_rel_path])
     return files, notes
 
 
-def _skipped_notes(skipped: list[SkippedEntry]) -> list[str]:
-    """One note per reason: how many entries were never read (no row), with examples."""
+def _skipped_notes(skipped: list[SkippedEntry], rows: bool = True) -> list[str]:
+    """One note per reason: how many entries are never read, with examples (each gets an
+    error row, unless ``rows`` is False: a ``limit``-ed run)."""
     by_reason: dict[str, list[str]] = {}
     for entry in skipped:
         by_reason.setdefault(entry.reason, []).append(entry.rel_path)
-    return [f"{len(rels)} entr{'y' if len(rels) == 1 else 'ies'} skipped, not read and no "
-            f"row: {reason} (e.g. {', '.join(map(repr, rels[:3]))})"
+    fate = "an error row each" if rows else "no row (a limited run)"
+    return [f"{len(rels)} entr{'y' if len(rels) == 1 else 'ies'} not read, {fate}: {reason} "
+            f"(e.g. {', '.join(map(repr, rels[:3]))})"
             for reason, rels in by_reason.items()]
 
 

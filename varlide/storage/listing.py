@@ -17,11 +17,13 @@ Rules:
   and filters), so it always picks the same first files.
 
 What is never read (each skipped with a warning, and reported to the caller through
-``skipped``, which the run's plan description counts): an entry that is not a regular file
-(a FIFO would block the reader forever, a device would stream without end), a symbolic link
-whose target lies outside the input root (its target's bytes are not the corpus's), and an
-object key that would escape its prefix. Names that would be one name on a
-case-insensitive filesystem are found by :func:`fold_collisions`.
+``skipped``; a run gives each an error row that says why): an entry that is not a regular
+file (a FIFO would block the reader forever, a device would stream without end), a symbolic
+link whose target lies outside the input root (its target's bytes are not the corpus's), an
+object key that would escape its prefix, and a folder below the root that cannot be listed
+(its ``rel_path`` ends in ``/``; the root itself unlistable raises ``PermissionError``).
+Names that would be one name on a case-insensitive filesystem are found by
+:func:`fold_collisions`.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class SkippedEntry:
 NOT_REGULAR = "not a regular file"
 LINK_OUTSIDE = "symbolic link out of the input root (not followed)"
 KEY_ESCAPES = "object key escapes the input prefix"
+UNREADABLE_FOLDER = "folder cannot be listed"
 
 
 def is_image_path(path: str) -> bool:
@@ -187,7 +190,10 @@ def _walk_local(root: str, wanted: Callable[[str], bool] = lambda rel: True,
             seen.add((st.st_dev, st.st_ino))
             entries = list(os.scandir(path))
         except OSError as exc:
-            log.warning("cannot list %s: %s", path, exc)
+            if not rel_dir:  # the input itself: nothing can be planned
+                raise PermissionError(exc.errno, f"cannot list the input folder: "
+                                      f"{exc.strerror}", path) from exc
+            refused.append(SkippedEntry(rel_dir, f"{UNREADABLE_FOLDER}: {exc.strerror}"))
             continue
         for entry in entries:
             rel = f"{rel_dir}{entry.name}"

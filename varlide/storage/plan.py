@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-_OPTIONAL = ("out_rel_path", "out_format", "out_error")
+_OPTIONAL = ("out_rel_path", "out_format", "out_error", "unread")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,10 @@ class PlannedFile:
 
     ``out_error`` is set when no output name can be used (e.g. a collision a format change
     would cause); the file still gets an error row, never an overwrite.
+
+    ``unread`` is set for an entry the listing refused to read (a FIFO, a link out of the
+    input root, an object key that escapes its prefix, a folder that cannot be listed): it
+    is never opened, and gets an error row that says why, so every entry has a status.
     """
 
     rel_path: str
@@ -29,6 +33,7 @@ class PlannedFile:
     out_rel_path: str | None = None
     out_format: str | None = None
     out_error: str | None = None
+    unread: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +54,13 @@ def plan_shards(files: Sequence[PlannedFile], shard_size: int) -> list[Shard]:
 
 
 def _file_to_json(f: PlannedFile) -> list[Any]:
-    """A file as a compact row ``[rel_path, size, out_rel_path, out_format, out_error]``:
+    """A file as a compact row ``[rel_path, size, out_rel_path, out_format, out_error,
+    unread]``:
     ``out_rel_path`` is ``""`` when it equals ``rel_path`` (the common case), trailing
     nulls are dropped. A 1,000,000-file plan is ~45 MB of JSON this way (dicts with keys:
     ~130 MB, and ~3x the memory to write and read back)."""
     out_rel = "" if f.out_rel_path == f.rel_path else f.out_rel_path
-    row: list[Any] = [f.rel_path, f.size, out_rel, f.out_format, f.out_error]
+    row: list[Any] = [f.rel_path, f.size, out_rel, f.out_format, f.out_error, f.unread]
     while len(row) > 2 and row[-1] is None:
         row.pop()
     return row
@@ -69,12 +75,12 @@ def _file_from_json(f: Any) -> PlannedFile:
     if isinstance(f, dict):  # the form manifests had before rows (kept readable: resume)
         return PlannedFile(rel_path=str(f["rel_path"]), size=int(f["size"]),
                            **{k: f.get(k) for k in _OPTIONAL})
-    if not isinstance(f, list | tuple) or not 2 <= len(f) <= 5:
+    if not isinstance(f, list | tuple) or not 2 <= len(f) <= 6:
         raise ValueError(f"expected a file row [rel_path, size, ...], got {f!r}")
     rel = str(f[0])
-    out_rel, out_format, out_error = (list(f[2:]) + [None, None, None])[:3]
+    out_rel, out_format, out_error, unread = (list(f[2:]) + [None] * 4)[:4]
     return PlannedFile(rel_path=rel, size=int(f[1]), out_rel_path=rel if out_rel == "" else
-                       out_rel, out_format=out_format, out_error=out_error)
+                       out_rel, out_format=out_format, out_error=out_error, unread=unread)
 
 
 def plan_from_json(data: Iterable[dict[str, Any]]) -> list[Shard]:
