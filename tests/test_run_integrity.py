@@ -109,11 +109,36 @@ def test_deleted_scores_are_redone_with_one_row_per_image(tmp_path, caplog):
         again = prepare_run(str(inp), str(out), _cfg())
     assert again.resumed and again.done == set() and len(again.pending) == 2
     assert "shard 00000" in caplog.text and "shard 00001" in caplog.text
-    assert "Parquet" in caplog.text and "lost their Parquet" in again.describe()
+    assert "Parquet" in caplog.text and "had a missing Parquet file" in again.describe()
     _finish(inp, out, _cfg())
     assert _rows(out, plan) == rels  # every row back, exactly one per image
     status = run_status(plan.output_uri, plan.run_id)
     assert status.complete and status.rows == 4 and status.missing_parquet == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "replaced"])
+def test_a_damaged_parquet_of_a_done_shard_is_redone(tmp_path, caplog, damage):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    rels = _corpus(inp, 4)
+    plan = _finish(inp, out, _cfg())
+    shard1 = out / "scores" / plan.dataset / plan.run_id / "shard-00001.parquet"
+    good = shard1.read_bytes()
+    shard1.write_bytes(good[: len(good) // 2] if damage == "truncated" else b"PAR1 garbage")
+
+    status = run_status(plan.output_uri, plan.run_id)
+    assert status.damaged_parquet == [1] and status.done == [0] and not status.complete
+    with caplog.at_level(logging.WARNING, logger="varlide.run"):
+        again = prepare_run(str(inp), str(out), _cfg())
+    assert again.done == {0} and [s.index for s in again.pending] == [1]
+    assert "damaged" in caplog.text and "had a damaged Parquet file; redone: 00001" in \
+        again.describe()
+    assert not shard1.exists()  # removed, after its marker: no reader trips on it
+    for shard in again.pending:
+        from varlide.engine import process_shard
+
+        process_shard(again.job(shard))
+    assert _rows(out, plan) == rels
+    assert run_status(plan.output_uri, plan.run_id).complete
 
 
 # A ``--fresh`` interrupted at its k-th deletion, for every k: a child process whose audit

@@ -426,7 +426,7 @@ def test_write_rows_read_table_schema_stable(root):
         for i in range(3)
     ]
     uri = f"{root}/scores/night/r1/shard-00000.parquet"
-    assert write_rows(rows, metrics, uri) == 3
+    assert write_rows(rows, metrics, uri).rows == 3
     write_rows(rows[:1], metrics, f"{root}/scores/night/r1/shard-00001.parquet")
     table = read_table(uri)
     assert table.schema == run_schema(metrics)

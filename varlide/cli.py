@@ -514,6 +514,11 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{len(s.failed)} failed" + (f" ({', '.join(map(str, s.failed))})"
                                            if s.failed else ""))
         print(f"  rows    {s.rows} of {s.images} images, {s.errors} errors")
+        for what, shards in (("missing", s.missing_parquet), ("damaged", s.damaged_parquet)):
+            if shards:
+                print(f"  {what} Parquet of shard(s) marked done: "
+                      f"{', '.join(f'{i:05d}' for i in shards[:10])} (the same enhance "
+                      "command redoes them)")
     return EXIT_OK
 
 

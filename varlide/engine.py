@@ -100,12 +100,13 @@ class ShardResult:
     device: str
     stage_ms: dict[str, float] = field(default_factory=dict)
     attempt: int = 0  # 0: the first; each --retry-errors of the shard adds one
+    parquet_bytes: int | None = None  # the Parquet file's size, checked on resume
 
     def as_marker(self) -> dict[str, Any]:
         return {
             "shard": self.shard, "rows": self.rows, "errors": self.errors,
-            "attempt": self.attempt,
-            "parquet": self.parquet_uri, "seconds": round(self.seconds, 3),
+            "attempt": self.attempt, "parquet": self.parquet_uri,
+            "parquet_bytes": self.parquet_bytes, "seconds": round(self.seconds, 3),
             "worker": self.worker, "device": self.device, "stage_ms": self.stage_ms,
             "finished_at": datetime.now(UTC).isoformat(),
         }
@@ -955,7 +956,7 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
     rows = sorted([*kept, *rows], key=lambda r: r["rel_path"])
     parquet_uri = store.scores_uri(job.dataset, job.shard.index)
     _check_stop(job)
-    write_rows(rows, metric_names, parquet_uri)
+    written = write_rows(rows, metric_names, parquet_uri)
     stage_ms = {
         k: float(sum(r.get(k) or 0.0 for r in rows))
         for k in ("decode_ms", "prior_ms", "enhance_ms", "quality_ms")
@@ -964,7 +965,7 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
         shard=job.shard.index, rows=len(rows),
         errors=sum(r["status"] == "error" for r in rows), parquet_uri=parquet_uri,
         seconds=time.perf_counter() - started, worker=worker, device=device, stage_ms=stage_ms,
-        attempt=attempt,
+        attempt=attempt, parquet_bytes=written.nbytes,
     )
     store.write_marker(job.shard.index, result.as_marker())
     return result

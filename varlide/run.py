@@ -265,9 +265,7 @@ def _resume(target: RunTarget, store: RunStore, write: bool) -> RunPlan:
     if write:
         for path in store.remove_temp_files(dataset):
             log.info("removed %s (a temp file left by an interrupted write)", path)
-    done, missing = _verified_done(store, dataset, write)
-    notes = [f"{len(missing)} shard(s) marked done had lost their Parquet file; redone: "
-             f"{', '.join(f'{i:05d}' for i in missing[:10])}"] if missing else []
+    done, notes = _verified_done(store, dataset, write)
     known = {f.rel_path for s in shards for f in s.files}
     listed = list_corpus(target.input_uri, cfg.include, cfg.exclude, None)
     new_files = [f.rel_path for f in listed if f.rel_path not in known]
@@ -277,18 +275,28 @@ def _resume(target: RunTarget, store: RunStore, write: bool) -> RunPlan:
                    done, True, new_files, notes)
 
 
-def _verified_done(store: RunStore, dataset: str, write: bool) -> tuple[set[int], list[int]]:
-    """``(done, missing)``: done shards whose Parquet exists, and those whose does not.
+def _verified_done(store: RunStore, dataset: str, write: bool) -> tuple[set[int], list[str]]:
+    """The done shards whose Parquet is whole, and notes on those redone.
 
     A marker that outlived its Parquet (an interrupted clear, a deleted file) is dropped so
-    the shard is redone: rows, not markers, are what a run delivers."""
-    done, missing = store.verified_done(dataset)
-    for index in missing:
-        log.warning("shard %05d of run %s is marked done but its Parquet %s is missing: "
-                    "redoing it", index, store.run_id, store.scores_uri(dataset, index))
+    the shard is redone: rows, not markers, are what a run delivers. A damaged Parquet (not
+    the size its marker recorded) goes too, after its marker, so no reader trips on it."""
+    check = store.check_done(dataset)
+    for index in check.redo:
+        uri = store.scores_uri(dataset, index)
+        why = "missing" if index in check.missing else "damaged (not the size its marker " \
+            "recorded)"
+        log.warning("shard %05d of run %s is marked done but its Parquet %s is %s: redoing it",
+                    index, store.run_id, uri, why)
         if write:
             store.drop_marker(index)
-    return done, missing
+            if index in check.damaged:
+                store.remove_parquet(dataset, index)
+    notes = [f"{len(shards)} shard(s) marked done had a {what} Parquet file; redone: "
+             f"{', '.join(f'{i:05d}' for i in shards[:10])}"
+             for what, shards in (("missing", check.missing), ("damaged", check.damaged))
+             if shards]
+    return check.done, notes
 
 
 def check_resumable(manifest: dict[str, Any], target: RunTarget) -> None:

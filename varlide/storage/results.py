@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -79,18 +79,25 @@ def rows_to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def write_table(table: pa.Table, uri: str) -> None:
-    """Write one Parquet file whole: temp + rename locally, a single PUT remotely."""
+def write_table(table: pa.Table, uri: str) -> int:
+    """Write one Parquet file whole: temp + rename locally, a single PUT remotely; returns
+    its size in bytes (a shard's marker records it, so a damaged file is seen on resume)."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_bytes(uri, buf.getvalue())
+    return buf.tell()
 
 
-def write_rows(rows: Iterable[dict[str, Any]], metric_names: Sequence[str], uri: str) -> int:
+class Written(NamedTuple):
+    rows: int
+    nbytes: int
+
+
+def write_rows(rows: Iterable[dict[str, Any]], metric_names: Sequence[str],
+               uri: str) -> Written:
     """Validate rows against the run schema and write them as one Parquet file."""
     table = rows_to_table(rows, run_schema(metric_names))
-    write_table(table, uri)
-    return table.num_rows
+    return Written(table.num_rows, write_table(table, uri))
 
 
 def read_table(uri: str) -> pa.Table:

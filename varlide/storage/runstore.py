@@ -14,7 +14,9 @@ Departure from DESIGN.md ("the markers are the one source of truth for done"): a
 done when its marker *and* its Parquet exist (:meth:`RunStore.verified_done`). A marker
 alone outlived its rows after a deleted ``scores/`` or an interrupted ``--fresh``, and the
 run then reported 400 of 400 rows "complete" with none left; rows are what a run delivers.
-The check costs one listing of the run's scores folder.
+A Parquet file whose size is not the one its marker recorded (truncated, overwritten) is
+damaged: the shard is not done either. The check costs one listing of the run's scores
+folder and one read of its markers.
 
 JSON files are small and written whole: temp + rename on a local disk, one PUT remotely.
 Reads drop fsspec's listing cache first, since another process may have written.
@@ -42,6 +44,17 @@ log = logging.getLogger(__name__)
 SHARD_NAME = "shard-{:05d}"
 _SHARD_JSON = re.compile(r"^shard-(\d+)\.json$")
 _SHARD_PARQUET = re.compile(r"^shard-(\d+)\.parquet$")
+
+
+@dataclass
+class DoneCheck:
+    done: set[int]
+    missing: list[int]  # marked done, no Parquet
+    damaged: list[int]  # marked done, a Parquet of another size than the marker recorded
+
+    @property
+    def redo(self) -> list[int]:
+        return sorted(self.missing + self.damaged)
 
 
 class RunLockedError(RuntimeError):
@@ -246,17 +259,42 @@ class RunStore:
 
     def parquet_shards(self, dataset: str) -> set[int]:
         """Shard indices whose Parquet file exists (one listing of the run's scores folder)."""
-        return set(_list_shard_files(self.scores_dir_uri(dataset), _SHARD_PARQUET))
+        return set(self.parquet_sizes(dataset))
+
+    def parquet_sizes(self, dataset: str) -> dict[int, int]:
+        """{shard index: bytes} of the run's Parquet files (one listing, no reads)."""
+        fs, path = _fs(self.scores_dir_uri(dataset))
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        out: dict[int, int] = {}
+        for entry in entries:
+            m = _SHARD_PARQUET.match(entry["name"].rstrip("/").rsplit("/", 1)[-1])
+            if m and entry.get("type") != "directory":
+                out[int(m.group(1))] = int(entry.get("size") or 0)
+        return out
+
+    def check_done(self, dataset: str,
+                   markers: dict[int, dict] | None = None) -> DoneCheck:
+        """Which marked shards are done, and which are not because their Parquet is missing
+        or damaged (a size other than the one the marker recorded). A marker alone never
+        means done: its rows are what the run delivers."""
+        markers = self.read_markers() if markers is None else markers
+        if not markers:
+            return DoneCheck(set(), [], [])
+        sizes = self.parquet_sizes(dataset)
+        missing = sorted(i for i in markers if i not in sizes)
+        damaged = sorted(i for i, m in markers.items() if i in sizes
+                         and m.get("parquet_bytes") is not None
+                         and int(m["parquet_bytes"]) != sizes[i])
+        return DoneCheck(set(markers) - set(missing) - set(damaged), missing, damaged)
 
     def verified_done(self, dataset: str) -> tuple[set[int], list[int]]:
-        """``(done, missing)``: shards with a marker AND their Parquet, and the sorted shards
-        whose marker outlived its Parquet (an interrupted clear, a deleted file). A marker
-        alone never means done: its rows are what the run delivers."""
-        marked = self.done_shards()
-        if not marked:
-            return set(), []
-        written = self.parquet_shards(dataset)
-        return marked & written, sorted(marked - written)
+        """``(done, redo)``: shards done (see :meth:`check_done`), and the sorted marked
+        shards whose Parquet is missing or damaged."""
+        check = self.check_done(dataset)
+        return check.done, check.redo
 
     def history_uri(self, shard: int, attempt: int) -> str:
         """``runs/<run_id>/history/shard-NNNNN.attempt-K.parquet``: a replaced attempt."""
@@ -297,6 +335,10 @@ class RunStore:
     def drop_marker(self, shard: int) -> None:
         """Remove a shard's done marker, so the next run redoes it."""
         _rm_missing_ok(self.marker_uri(shard))
+
+    def remove_parquet(self, dataset: str, shard: int) -> None:
+        """Remove a shard's Parquet file (a damaged one; drop its marker first)."""
+        _rm_missing_ok(self.scores_uri(dataset, shard))
 
     # ---- lock --------------------------------------------------------------------------
     @property
@@ -675,10 +717,12 @@ class RunStatus:
     created_at: str | None = None
     # marked done but its Parquet is gone (also in ``pending``: the next run redoes them)
     missing_parquet: list[int] = field(default_factory=list)
+    # marked done but its Parquet's size is not the marker's (also in ``pending``)
+    damaged_parquet: list[int] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        return not self.pending and not self.failed and not self.missing_parquet
+        return not self.pending and not self.failed
 
 
 def run_status(output_uri: str, run_id: str) -> RunStatus:
@@ -689,9 +733,11 @@ def run_status(output_uri: str, run_id: str) -> RunStatus:
     plan = manifest.get("plan") or []
     indices = sorted(int(s["index"]) for s in plan)
     markers = store.read_markers()
-    written = store.parquet_shards(manifest["dataset"]) if manifest.get("dataset") else set()
-    missing = [i for i in indices if i in markers and i not in written]
-    markers = {i: m for i, m in markers.items() if i in written}
+    check = (store.check_done(manifest["dataset"], markers) if manifest.get("dataset")
+             else DoneCheck(set(), sorted(markers), []))
+    missing = [i for i in indices if i in check.missing]
+    damaged = [i for i in indices if i in check.damaged]
+    markers = {i: m for i, m in markers.items() if i in check.done}
     failures = store.read_failures()
     done = [i for i in indices if i in markers]
     failed = [i for i in indices if i in failures and i not in markers]
@@ -709,4 +755,5 @@ def run_status(output_uri: str, run_id: str) -> RunStatus:
         images=sum(len(s.get("files") or ()) for s in plan),
         created_at=manifest.get("created_at"),
         missing_parquet=missing,
+        damaged_parquet=damaged,
     )
