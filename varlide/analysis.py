@@ -845,11 +845,14 @@ def render_html(data: RunData, figs: Sequence[Figure], notes: Sequence[str],
 # ---- MLflow ---------------------------------------------------------------------------------
 
 
-def find_mlflow_run(run_id: str) -> tuple[str | None, str]:
-    """(MLflow run id, note): the run tagged ``varlide.run_id = run_id``, if any."""
-    from varlide.tracking import RUN_ID_TAG, redact, tracking_uri
+def find_mlflow_run(run_id: str, output_uri: str | None = None,
+                    recorded: str | None = None) -> tuple[str | None, str]:
+    """(MLflow run id, note): the run of ``run_id`` (and ``output_uri``) in the store the
+    run recorded (``recorded``, from its manifest) unless ``MLFLOW_TRACKING_URI`` says
+    another, if any."""
+    from varlide.tracking import RUN_ID_TAG, find_runs, redact, tracking_uri
 
-    uri = tracking_uri()
+    uri = tracking_uri(recorded)
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
         return None, f"no MLflow store at {redact(uri)} (set MLFLOW_TRACKING_URI)"
     try:
@@ -857,9 +860,7 @@ def find_mlflow_run(run_id: str) -> tuple[str | None, str]:
 
         client = MlflowClient(tracking_uri=uri)
         exps = [e.experiment_id for e in client.search_experiments()]
-        found = client.search_runs(exps, filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'",
-                                   max_results=1, order_by=["attributes.start_time DESC"]
-                                   ) if exps else []
+        found = find_runs(client, exps, run_id, output_uri) if exps else []
     except Exception as exc:  # an unreachable server must not fail the report
         return None, f"MLflow at {redact(uri)} not usable: {exc}"
     if not found:
@@ -867,17 +868,18 @@ def find_mlflow_run(run_id: str) -> tuple[str | None, str]:
     return found[0].info.run_id, f"MLflow run {found[0].info.run_id} at {redact(uri)}"
 
 
-def log_to_mlflow(run_id: str, figs: Sequence[Figure], page: str) -> tuple[str | None, str]:
+def log_to_mlflow(data: RunData, figs: Sequence[Figure], page: str) -> tuple[str | None, str]:
     """Log the figures (``report/figures/*.png``) and the page to the run's MLflow run."""
-    mlflow_run, note = find_mlflow_run(run_id)
+    from varlide.tracking import tracking_uri
+
+    recorded = data.manifest.get("mlflow_tracking_uri")
+    mlflow_run, note = find_mlflow_run(data.run_id, data.output_uri, recorded)
     if mlflow_run is None:
         log.info("report not logged to MLflow: %s", note)
         return None, note
     from mlflow.tracking import MlflowClient
 
-    from varlide.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri=tracking_uri())
+    client = MlflowClient(tracking_uri=tracking_uri(recorded))
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "figures"))
         for f in figs:
@@ -919,6 +921,6 @@ def build_report(output_uri: str, run_id: str | None = None, out: str | None = N
     page = render_html(data, figs, notes, counts, crit)
     target = _canonical(out) if out else join(output_uri, "runs", run_id, "report.html")
     _write_bytes(target, page.encode("utf-8"))
-    mlflow_run, note = (log_to_mlflow(run_id, figs, page) if mlflow
+    mlflow_run, note = (log_to_mlflow(data, figs, page) if mlflow
                         else (None, "MLflow logging off (--no-mlflow)"))
     return ReportResult(target, run_id, counts, [f.id for f in figs], notes, mlflow_run, note)

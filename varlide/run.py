@@ -31,6 +31,7 @@ from varlide.storage.plan import PlannedFile, Shard, plan_from_json, plan_shards
 from varlide.storage.results import read_table
 from varlide.storage.runstore import RunStore
 from varlide.storage.uri import filesystem, hide_credentials, join
+from varlide.tracking import redact, tracking_uri
 
 if TYPE_CHECKING:
     from varlide.engine import ShardJob
@@ -307,8 +308,6 @@ def check_resumable(manifest: dict[str, Any], target: RunTarget) -> None:
     input_diff = _input_diff(manifest, target)
     diffs = input_diff + _config_diff(manifest, target.config)
     if diffs:
-        from varlide.tracking import redact
-
         raise RunMismatchError(
             f"run id {target.run_id!r} already exists in {redact(target.output_uri)} with "
             f"another {'input or ' if input_diff else ''}configuration, "
@@ -354,6 +353,7 @@ def build_manifest(plan: RunPlan) -> dict[str, Any]:
         "output_config": plan.config.output_config(),
         "images": plan.images,
         "notes": plan.notes,
+        "mlflow_tracking_uri": redact(tracking_uri()),  # where resumes and reports log
         "plan": plan_to_json(plan.shards),
     }
 
@@ -406,7 +406,7 @@ def record_run(plan: RunPlan, session: dict[str, Any]) -> dict[str, Any]:
     ``session`` describes this invocation (failed shards, images processed, seconds, workers,
     device ...). Returns the summary (also logged as ``summary.json``) with ``mlflow`` added.
     """
-    from varlide.tracking import RunTracker, redact
+    from varlide.tracking import RunTracker
 
     table = read_run_scores(plan.output_uri, plan.dataset, plan.run_id)
     metrics = summarize_scores(table, plan.config.quality_metric_names())
@@ -425,7 +425,9 @@ def record_run(plan: RunPlan, session: dict[str, Any]) -> dict[str, Any]:
         "complete": len(done) == len(plan.shards), "failed_shards": failed,
         "new_files_not_in_run": len(plan.new_files), "metrics": metrics, "session": session,
     }
-    tracker = RunTracker(plan.config.experiment, plan.run_id)
+    manifest = store.read_manifest()
+    tracker = RunTracker(plan.config.experiment, plan.run_id, plan.output_uri,
+                         tracking_uri(manifest.get("mlflow_tracking_uri")))
     tracker.log_params({"input_uri": plan.input_uri, "output_uri": plan.output_uri,
                         "run_id": plan.run_id, **plan.config.output_config(),
                         "dataset": plan.dataset})
@@ -440,14 +442,8 @@ def record_run(plan: RunPlan, session: dict[str, Any]) -> dict[str, Any]:
         tracker.set_tags(prior_scale_tags(table))
     tracker.log_metrics(metrics)
     tracker.log_dict(summary, "summary.json")
-    tracker.log_dict(store.read_manifest(), "manifest.json")
+    tracker.log_dict(manifest, "manifest.json")
     tracker.finish(ok=not failed and summary["complete"])
-    summary["mlflow"] = {"tracking_uri": redact(tracker_uri()), "experiment_id":
+    summary["mlflow"] = {"tracking_uri": redact(tracker.tracking_uri), "experiment_id":
                          tracker.experiment_id, "run_id": tracker.mlflow_run_id}
     return summary
-
-
-def tracker_uri() -> str:
-    from varlide.tracking import tracking_uri
-
-    return tracking_uri()

@@ -1,8 +1,12 @@
-"""MLflow helpers: one MLflow run per varlide run id, resumed when the run id comes back.
+"""MLflow helpers: one MLflow run per varlide run id and output store, resumed when the run
+comes back.
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI`` (default: a SQLite file ``mlflow.db`` in
 the working directory); a relative SQLite path is made absolute when the URI is read, so the
-store is one fixed file whatever directory a later step (resume, report) runs in.
+store is one fixed file whatever directory a later step (resume, report) runs in. A run's
+manifest records the store it started with (``recorded``): a resume or a report without
+``MLFLOW_TRACKING_URI`` goes back to it; with the variable set, that is where it goes (a
+warning says the two differ).
 Output-changing config goes in as params (they cannot change within a run id); execution
 details (workers, device, ...) go in as tags, which may change on a resume. Run metrics are
 logged from the summary of all shards' Parquet. Nothing here reads credentials, and URIs
@@ -19,6 +23,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RUN_ID_TAG = "varlide.run_id"
+STORE_TAG = "varlide.output_uri"  # with the run id: one MLflow run per output store
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
@@ -29,13 +34,22 @@ def redact(text: str) -> str:
     return _CREDENTIALS.sub(r"\g<scheme>***@", text)
 
 
-def tracking_uri() -> str:
-    """The MLflow store: ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``, a relative SQLite
-    path resolved against the working directory now. Left relative, SQLAlchemy would resolve
-    it at each connection, so a run resumed (or reported) from another directory would
-    silently open a new, empty store and a new MLflow run."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    return absolute_sqlite_uri(_credentials_to_env(uri))
+def tracking_uri(recorded: str | None = None) -> str:
+    """The MLflow store: ``MLFLOW_TRACKING_URI``, else the store a run ``recorded`` in its
+    manifest, else ``sqlite:///mlflow.db``; a relative SQLite path resolved against the
+    working directory now. Left relative, SQLAlchemy would resolve it at each connection, so
+    a run resumed (or reported) from another directory would silently open a new, empty
+    store and a new MLflow run."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if recorded and not env and "***@" in recorded:  # its credentials were never stored
+        log.warning("this run logged to MLflow at %s; set MLFLOW_TRACKING_URI (with its "
+                    "credentials) to log there again", recorded)
+        recorded = None
+    uri = absolute_sqlite_uri(_credentials_to_env(env or recorded or DEFAULT_TRACKING_URI))
+    if env and recorded and uri != recorded:
+        log.warning("this run logged to MLflow at %s; MLFLOW_TRACKING_URI says %s: using it",
+                    redact(recorded), redact(uri))
+    return uri
 
 
 def _credentials_to_env(uri: str) -> str:
@@ -70,23 +84,22 @@ def absolute_sqlite_uri(uri: str) -> str:
     return f"{prefix}{os.path.abspath(path)}{sep}{query}"
 
 
-def _default_artifact_location() -> str | None:
+def _default_artifact_location(uri: str) -> str | None:
     """Artifacts beside a local SQLite store (``<db dir>/mlartifacts``), not in the cwd.
 
     MLflow's own default for a SQLite store is ``./mlruns`` of whatever directory the process
     happens to run in; keeping them next to the database keeps a store self-contained.
     """
-    uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         db = os.path.abspath(uri.removeprefix("sqlite:///"))
         return "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
     return None
 
 
-def _client():
+def _client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri())
+    return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
 def _experiment_id(client, name: str) -> str:
@@ -96,7 +109,8 @@ def _experiment_id(client, name: str) -> str:
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_default_artifact_location())
+        return client.create_experiment(
+            name, artifact_location=_default_artifact_location(client.tracking_uri))
     except Exception:  # created concurrently by another process
         return client.get_experiment_by_name(name).experiment_id
 
@@ -112,31 +126,41 @@ def _flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: redact(str(value))[:6000]}
 
 
+def find_runs(client, experiment_ids: list[str], varlide_run_id: str,
+              output_uri: str | None = None) -> list:
+    """MLflow runs of a varlide run id, newest first; with ``output_uri`` only that output
+    store's (a run from before the store tag, which has none, still counts)."""
+    found = client.search_runs(experiment_ids,
+                               filter_string=f"tags.`{RUN_ID_TAG}` = '{varlide_run_id}'",
+                               max_results=100, order_by=["attributes.start_time DESC"])
+    if output_uri is None:
+        return found
+    key = redact(output_uri)
+    return [r for r in found if r.data.tags.get(STORE_TAG, key) == key]
+
+
 class RunTracker:
-    """The MLflow side of one varlide run (created or resumed by run id)."""
+    """The MLflow side of one varlide run (created or resumed by run id and output store:
+    the same run id written to two output stores is two runs, so two MLflow runs)."""
 
-    def __init__(self, experiment: str, varlide_run_id: str) -> None:
-        from mlflow.entities import RunStatus
-
-        self._status = RunStatus
-        self.client = _client()
+    def __init__(self, experiment: str, varlide_run_id: str, output_uri: str | None = None,
+                 uri: str | None = None) -> None:
+        self.tracking_uri = uri or tracking_uri()
+        self.client = _client(self.tracking_uri)
         self.experiment_id = _experiment_id(self.client, experiment)
-        found = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{varlide_run_id}'",
-            max_results=1,
-        )
+        found = find_runs(self.client, [self.experiment_id], varlide_run_id, output_uri)
+        tags = {RUN_ID_TAG: varlide_run_id}
+        if output_uri is not None:
+            tags[STORE_TAG] = redact(output_uri)
         self.resumed = bool(found)
         if found:
             self.mlflow_run_id = found[0].info.run_id
             self.client.update_run(self.mlflow_run_id, status="RUNNING")
+            self.set_tags(tags)
         else:
             run = self.client.create_run(self.experiment_id, run_name=varlide_run_id,
-                                         tags={RUN_ID_TAG: varlide_run_id})
+                                         tags=tags)
             self.mlflow_run_id = run.info.run_id
-
-    @property
-    def url(self) -> str:
-        return f"{redact(tracking_uri())} experiment {self.experiment_id} run {self.mlflow_run_id}"
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Params once per run; on a resume, differing values are kept as they were."""
