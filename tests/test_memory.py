@@ -2,8 +2,9 @@
 
 The real-size test runs the default job in a subprocess on 1920x1080 JPEG frames, inside a
 memory cgroup capped at 2.5 GB where the machine lets us make one (else the subprocess's
-measured peak RSS is asserted against the same bound), plus one 8000x6000 frame that the
-default budget cannot hold at once: it gets an error row that says why, never a dead run.
+measured peak RSS is asserted against the same bound), plus one 8000x6000 frame and four
+PNG decompression bombs (100 Mpx in ~290 KB) that the default budget cannot hold at once:
+each gets an error row that says why, never a dead run.
 """
 
 from __future__ import annotations
@@ -157,6 +158,14 @@ def test_default_job_on_1080p_frames_stays_inside_2_5_gb(tmp_path, mlflow_sqlite
     _photo_frames(tmp_path / "frames", 16, (1920, 1080), _shared())
     _photo_frames(tmp_path / "frames" / "uhd", 1, (3840, 2160), _shared())
     _photo_frames(tmp_path / "frames" / "huge", 1, (8000, 6000), _shared())
+    # decompression bombs under the default max_pixels: 100 Mpx of black in ~290 KB each
+    # (the outside probe's 97 KB PNG cost 7 GB when the guard was per image and unbudgeted)
+    bomb = tmp_path / "frames" / "bombs" / "bomb-0.png"
+    bomb.parent.mkdir()
+    Image.new("RGB", (10_000, 10_000)).save(bomb, optimize=True)
+    assert bomb.stat().st_size < 400_000
+    for i in range(1, 4):
+        (bomb.parent / f"bomb-{i}.png").write_bytes(bomb.read_bytes())
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     group = _memory_cgroup(RSS_GOAL)
@@ -180,8 +189,11 @@ def test_default_job_on_1080p_frames_stays_inside_2_5_gb(tmp_path, mlflow_sqlite
                 pass
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = pd.read_parquet(out / "scores")
-    assert len(rows) == 18
-    frames = rows[~rows["rel_path"].str.startswith("huge/")]  # incl. the 4K one: it fits
+    assert len(rows) == 22
+    bombs = rows[rows["rel_path"].str.startswith("bombs/")]
+    assert len(bombs) == 4 and set(bombs["status"]) == {"error"}
+    assert bombs["error"].str.startswith("too large for the memory budget: 10000x10000").all()
+    frames = rows[~rows["rel_path"].str.startswith(("huge/", "bombs/"))]  # the 4K one fits
     assert set(frames["status"]) == {"ok"}, frames["error"].dropna().tolist()
     assert frames["enhanced_uri"].notna().all()
     huge = rows[rows["rel_path"] == "huge/frame-000.jpg"].iloc[0]
