@@ -37,6 +37,13 @@ USAGE = {
     "bad-yaml": (["{inp}", "{out}", "--config", "{badyaml}"], ["not valid YAML"]),
     "config-is-a-folder": (["{inp}", "{out}", "--config", "{tmp}"], ["cannot be read"]),
     "negative-limit": (["{inp}", "{out}", "--limit", "-1"], ["limit"]),
+    "pickled-weights": (["{inp}", "{out}", "--weights", "{pickled}"],
+                        ["cannot be used with --enhancer varlide-lite", "is a pickle",
+                         "never loads pickled"]),
+    "wrong-shape-weights": (["{inp}", "{out}", "--weights", "{reshaped}"],
+                            ["cannot be used with --enhancer varlide-lite", "shape"]),
+    "wrong-dtype-weights": (["{inp}", "{out}", "--weights", "{retyped}"],
+                            ["cannot be used with --enhancer varlide-lite", "dtype"]),
 }
 MODES = {"dry": ["--dry-run"], "real": []}
 
@@ -48,9 +55,43 @@ def _paths(root: Path) -> dict[str, str]:
     (root / "unknown.yaml").write_text("bogus_field: 1\n")
     (root / "bad.yaml").write_text("metrics: [brightness\n")
     (root / "a-file.txt").write_text("not a folder\n")
-    return {"tmp": str(root), "inp": str(inp), "out": str(root / "out"), "ref": str(ref),
+    weights = _bad_weights(root)
+    return {**weights, "tmp": str(root), "inp": str(inp), "out": str(root / "out"), "ref": str(ref),
             "refcfg": str(root / "refcfg.yaml"), "unknown": str(root / "unknown.yaml"),
             "badyaml": str(root / "bad.yaml"), "file": str(root / "a-file.txt")}
+
+
+def _bad_weights(root: Path) -> dict[str, str]:
+    """Folders like the shipped varlide-lite weights: a pickle in place of the safetensors,
+    and the real tensors with one shape or one dtype changed."""
+    import hashlib
+    import json
+    import pickle
+
+    from safetensors.torch import load_file, save_file
+
+    shipped = Path(__file__).resolve().parents[1] / "varlide" / "weights" / "varlide-lite"
+    state = load_file(shipped / "model.safetensors")
+    name = next(k for k, v in state.items() if v.ndim >= 2 and v.is_floating_point())
+    variants = {
+        "pickled": None,
+        "reshaped": {**state, name: torch.zeros(state[name].shape[0] + 1,
+                                                *state[name].shape[1:])},
+        "retyped": {**state, name: state[name].double()},
+    }
+    out = {}
+    for key, tensors in variants.items():
+        folder = root / "weights" / key
+        folder.mkdir(parents=True)
+        if tensors is None:
+            (folder / "model.safetensors").write_bytes(pickle.dumps({"w": [1.0]}))
+        else:
+            save_file(tensors, str(folder / "model.safetensors"))
+        meta = json.loads((shipped / "config.json").read_text())  # its digest matches: the
+        meta["sha256"] = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        (folder / "config.json").write_text(json.dumps(meta))  # content is what is refused
+        out[key] = str(folder)
+    return out
 
 
 def _argv(name: str, mode: str, paths: dict[str, str]) -> list[str]:

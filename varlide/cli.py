@@ -116,6 +116,7 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     if finished is not None:
         _print_nothing_to_do(finished, args.json)
         return EXIT_OK
+    _check_enhancer_weights(cfg)  # a pickle or wrong shapes: exit 2 before any server
     if not args.dry_run:
         _start_prefect_server()
     from varlide.run import prepare_run
@@ -329,6 +330,22 @@ def _preflight(cfg) -> None:
     from varlide import weights
 
     weights.preflight(cfg)
+
+
+def _check_enhancer_weights(cfg) -> None:
+    """Load ``enhancer_weights`` once here (on CPU): a pickle, a file that is not
+    safetensors, or tensors whose names, shapes or dtypes are not the enhancer's are a
+    usage error now (exit 2), not a shard failure after retries on every worker."""
+    if not (cfg.enhance and cfg.enhancer_weights):
+        return
+    from varlide.models import create_enhancer
+
+    try:
+        create_enhancer(cfg.enhancer, weights=cfg.enhancer_weights, device="cpu",
+                        **cfg.enhancer_options)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"enhancer weights {cfg.enhancer_weights} cannot be used with "
+                          f"--enhancer {cfg.enhancer}: {exc}") from None
 
 
 def _weights_parser(sub: argparse._SubParsersAction) -> None:
