@@ -131,3 +131,45 @@ def test_queue_time_does_not_count_only_running_time_does(hang):
     assert second.result(0.3) == "done"  # carried to a fresh thread
     assert pool.abandoned == 1
     pool.shutdown()
+
+
+HANG_FOREVER = r"""
+import sys, threading
+from varlide import cli, engine
+
+real = engine._decode_on_cpu
+never = threading.Event()
+
+def decode(data, cfg, row):
+    if row["rel_path"] == "hang.png":
+        never.wait()  # never set: only an exit that does not join this thread ends the run
+    return real(data, cfg, row)
+
+engine._decode_on_cpu = decode
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_the_cli_exits_with_a_thread_hung_forever(tmp_path):
+    """A user's wedged NFS read: the run finishes, says so, and the process exits."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    _corpus(tmp_path / "in", {"a.png": (32, 24), "hang.png": (32, 24)})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", HANG_FOREVER, "enhance", str(tmp_path / "in"),
+         str(tmp_path / "out"), "--enhancer", "classic-curve", "--metrics", "brightness",
+         "--image-timeout", "1", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 thread(s) stuck past a timeout are left behind" in proc.stderr
+    rows = pd.read_parquet(tmp_path / "out" / "scores").set_index("rel_path")
+    assert rows.loc["a.png", "status"] == "ok"
+    assert rows.loc["hang.png", "error"].startswith("timed out: reading and decoding")
