@@ -45,6 +45,7 @@ from varlide import allocator, progress
 from varlide.config import Config, ConfigError
 from varlide.engine import clear_stop, worker_name
 from varlide.run import RunPlan, resolve_run
+from varlide.storage import retries as store_retries
 from varlide.storage.runstore import RunStore
 
 
@@ -141,15 +142,19 @@ def _shard_annotations(cfg: Config, logger) -> contextlib.AbstractContextManager
     return dask.annotate(resources={"GPU": 1})
 
 
-def _run_shards(plan: RunPlan, store: RunStore, logger) -> tuple[dict[int, str], int, int]:
+def _run_shards(plan: RunPlan, store: RunStore,
+                logger) -> tuple[dict[int, str], int, int, dict[str, int]]:
     """Map the pending shards (holding the run's lock): ``(failed {index: reason}, images
-    processed, shards run)``. A shard failed after its retries gets its failure marker."""
+    processed, shards run, retries)``. A shard failed after its retries gets its failure
+    marker; ``retries`` counts shard task reruns and object-store request retries."""
     cfg = plan.config
+    store_retries.install()
     task = process_shard_task.with_options(
         retries=cfg.retries, retry_delay_seconds=exponential_backoff(cfg.retry_delay_s)
         if cfg.retry_delay_s > 0 else 0)
     failed: dict[int, str] = {}
-    processed = 0
+    processed = shard_retries = retried_in_shards = 0
+    retried_here = store_retries.count()
     to_do = sum(len(s.files) for s in plan.pending) + sum(plan.retry.values())
     reporter = progress.Progress(plan.images, plan.images - to_do,
                                  show_bar=cfg.progress, desc=f"run {plan.run_id}")
@@ -170,6 +175,8 @@ def _run_shards(plan: RunPlan, store: RunStore, logger) -> tuple[dict[int, str],
                     result = future.result()
                     rows = plan.retry.get(index, result.rows)  # a retry redoes its errors
                     processed += rows
+                    shard_retries += result.tries - 1
+                    retried_in_shards += result.store_retries
                     if not per_batch:
                         reporter.update(rows, result.errors)
                 except Exception as exc:  # after its retries
@@ -184,7 +191,13 @@ def _run_shards(plan: RunPlan, store: RunStore, logger) -> tuple[dict[int, str],
     finally:
         progress.unregister(plan.run_id)
         reporter.close()
-    return failed, processed, len(futures)
+    # shards in this process overlap, so their own counts would count each other's retries
+    retries = {"shard_retries": shard_retries, "store_retries": retried_in_shards if cfg.dask
+               else store_retries.count() - retried_here}
+    if retries["store_retries"] or shard_retries:
+        logger.info("retried: %d object-store request(s), %d shard run(s)",
+                    retries["store_retries"], shard_retries)
+    return failed, processed, len(futures), retries
 
 
 def _record_failure(store: RunStore, index: int, reason: str, retries: int, logger) -> None:
@@ -238,11 +251,11 @@ def enhance_flow(input_uri: str, output_uri: str, config: dict[str, Any],
                              retry_errors)
         logger.info(plan.describe())
         started = time.perf_counter()
-        failed, processed, shards_run = _run_shards(plan, store, logger)
+        failed, processed, shards_run, retries = _run_shards(plan, store, logger)
         session = {
             "failed_shards": sorted(failed), "processed_images": processed,
             "seconds": round(time.perf_counter() - started, 3), "workers": cfg.workers,
-            "worker": worker_name(), "shards_run": shards_run,
+            "worker": worker_name(), "shards_run": shards_run, **retries,
         }
         summary = record_run_task(plan, session)
     summary["failures"] = {str(k): v for k, v in failed.items()}

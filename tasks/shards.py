@@ -11,6 +11,7 @@ import sys
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 
 from varlide import progress
 from varlide.engine import ShardJob, ShardResult, process_shard
@@ -68,4 +69,6 @@ def process_shard_task(job: ShardJob) -> ShardResult:
             return done
         job = _for_this_process(job, nthreads)
     reporter = progress.reporter(job.run_id)
-    return process_shard(job, progress=None if reporter is None else reporter.update)
+    result = process_shard(job, progress=None if reporter is None else reporter.update)
+    result.tries = task_run.get_run_count() or 1  # > 1: Prefect retried the shard
+    return result

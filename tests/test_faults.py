@@ -323,7 +323,7 @@ def test_s3_faults_exactly_one_row_per_image(s3_server, s3_bucket, prefect_harne
     cfg = Config(**FAST, shard_size=20, retries=2, workers=2, decode_threads=4)
     proxy = FaultProxy(s3_server, slowdown=0.05, internal_error=0.05, reset=0.06, delay=0.04,
                        delay_s=(0.02, 0.2), seed=SEED)
-    attempts = []
+    attempts, retried = [], 0
     with proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         s3fs.S3FileSystem.clear_instance_cache()
@@ -332,6 +332,7 @@ def test_s3_faults_exactly_one_row_per_image(s3_server, s3_bucket, prefect_harne
                 t0 = time.perf_counter()
                 summary = run_enhance(inp, out, cfg)
                 attempts.append((summary["failed_shards"], round(time.perf_counter() - t0, 1)))
+                retried += summary["metrics"]["store_retries"]  # an MLflow metric
                 if summary["complete"] and not summary["failed_shards"]:
                     break
         finally:
@@ -346,6 +347,10 @@ def test_s3_faults_exactly_one_row_per_image(s3_server, s3_bucket, prefect_harne
     assert result["run_id"] == summary["run_id"]
     assert not result["errors"], f"transient S3 faults became error rows: {result['errors'][:3]}"
     assert summary["metrics"]["images"] == len(rels)
+    # the retries are counted: at most one per fault that fails a request (a slow answer
+    # is not retried; faults while planning fall outside the shards' count)
+    failing = sum(proxy.counts[k] for k in ("slowdown", "internal_error", "reset"))
+    assert 0 < retried <= failing, (retried, stats)
 
 
 @pytest.mark.s3

@@ -59,6 +59,7 @@ from varlide.models.base import Enhancer, EnhanceResult, create_enhancer
 from varlide.pools import Inline, Pool, Task, TaskTimeout
 from varlide.priors.base import Prior
 from varlide.priors.calibration import prior_for_run
+from varlide.storage import retries as store_retries
 from varlide.storage.plan import PlannedFile, Shard
 from varlide.storage.results import SCHEMA_VERSION, write_rows
 from varlide.storage.runstore import RunStore
@@ -101,6 +102,10 @@ class ShardResult:
     stage_ms: dict[str, float] = field(default_factory=dict)
     attempt: int = 0  # 0: the first; each --retry-errors of the shard adds one
     parquet_bytes: int | None = None  # the Parquet file's size, checked on resume
+    # this session's counts (not in the marker): object-store request retries in this
+    # process during the shard, and runs of the shard task it took (orchestrator retries)
+    store_retries: int = 0
+    tries: int = 1
 
     def as_marker(self) -> dict[str, Any]:
         return {
@@ -705,6 +710,8 @@ def _intra_op_threads(n: int) -> Iterator[None]:
 def process_shard(job: ShardJob, progress: ProgressCallback | None = None) -> ShardResult:
     """Run one shard end to end: images, then its Parquet file, then its done marker."""
     cfg = Config(**job.config)
+    store_retries.install()
+    retried_before = store_retries.count()
     allocator.tune()  # thresholds now; the arena limit only if no thread existed yet (cli)
     set_torch_threads(cfg.torch_threads)
     _check_stop(job)
@@ -712,8 +719,14 @@ def process_shard(job: ShardJob, progress: ProgressCallback | None = None) -> Sh
     lanes, intra_op = compute_plan(stages.device, cfg.workers)
     with _intra_op_threads(intra_op):
         if job.retry_errors:
-            return _retry_shard_errors(job, cfg, stages, lanes, progress)
-        return _process_shard(job, cfg, stages, lanes, progress)
+            result = _retry_shard_errors(job, cfg, stages, lanes, progress)
+        else:
+            result = _process_shard(job, cfg, stages, lanes, progress)
+    result.store_retries = store_retries.count() - retried_before
+    if result.store_retries:
+        log.info("shard %05d: %d object-store request(s) retried", job.shard.index,
+                 result.store_retries)
+    return result
 
 
 def _retry_shard_errors(job: ShardJob, cfg: Config, stages: Stages, lanes: int,

@@ -419,6 +419,9 @@ def record_run(plan: RunPlan, session: dict[str, Any]) -> dict[str, Any]:
                    shards_failed=float(len(failed)))
     if seconds > 0 and processed:
         metrics["images_per_s"] = processed / seconds
+    for name in ("store_retries", "shard_retries"):  # this session's, when it ran shards
+        if name in session:
+            metrics[name] = float(session[name])
     summary = {
         "run_id": plan.run_id, "dataset": plan.dataset,
         "input_uri": redact(plan.input_uri), "output_uri": redact(plan.output_uri),
