@@ -126,10 +126,10 @@ def cmd_ship(args) -> None:
 
 def build_sets(data_root: str, limit: int | None, seeds: int, dev_max_side: int | None):
     """The issue's four sets, with train-sice's held-out images taken from the *trainer's*
-    split (``split_corpus``: content hash, 5 %, at most 48), so no evaluated image was
+    split (``varlide.holdout``: content hash, 5 %, at most 48), so no evaluated image was
     trained on."""
     from varlide.evaluation import MODERATE, paired_from_folder, paired_synthetic, unpaired_folder
-    from varlide.training import split_corpus
+    from varlide.holdout import split_corpus
 
     sice = os.path.join(data_root, "train-sice")
     held = split_corpus(sice)[1]

@@ -28,6 +28,7 @@ from tasks.retrain import (
 from varlide.run import canonical_uri
 from varlide.storage.uri import join
 from varlide.tracking import redact
+from varlide.training import TrainConfig
 
 
 @flow(name="varlide-retrain")
@@ -56,7 +57,8 @@ def retrain_flow(output_uri: str, dataset: str, model_name: str = "varlide-lite"
         "alias": alias, "newest": newest, "gate": gate or {}, "evaluation": evaluation or {},
         "work_dir": redact(work)})
     data = select_images_task(output_uri, dataset, newest, join(work, "corpus"))
-    champ = ensure_champion_task(model_name, alias, initial_weights, run_id)
+    enhancer = (train or {}).get("enhancer") or TrainConfig.enhancer  # what is retrained
+    champ = ensure_champion_task(model_name, alias, initial_weights, run_id, enhancer)
     champion_dir = resolve_task(f"models:/{model_name}/{champ['version']}")
     trained = train_candidate_task(data["corpus_uri"], join(work, "train"), champion_dir,
                                    train or {}, experiment, retrain_id)

@@ -40,17 +40,18 @@ def select_images_task(output_uri: str, dataset: str, newest: int,
 
 @task(name="retrain-ensure-champion", **_OPTS)
 def ensure_champion_task(model_name: str, alias: str, initial_weights: str | None,
-                         mlflow_run_id: str) -> dict[str, Any]:
-    """The champion's version; with none, the shipped weights are registered and promoted."""
+                         mlflow_run_id: str, enhancer: str) -> dict[str, Any]:
+    """The champion's version; with none, ``enhancer``'s shipped weights (the enhancer the
+    run trains, not the registered model's name) are registered and promoted."""
     mv = registry.get_alias(model_name, alias)
     if mv is not None:
         return {"version": str(mv.version), "bootstrapped": False}
     if initial_weights is None:
         from varlide.models.varlide_lite import default_weights_dir, missing_default_weights
 
-        folder = default_weights_dir(model_name)
+        folder = default_weights_dir(enhancer)
         if not (folder / "model.safetensors").is_file():
-            raise missing_default_weights(model_name)
+            raise missing_default_weights(enhancer)
         initial_weights = str(folder)
     mv = registry.register_weights(initial_weights, model_name, run_id=mlflow_run_id,
                                    tags={registry.TAG_SOURCE: "shipped weights (bootstrap)"},

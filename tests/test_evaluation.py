@@ -16,8 +16,6 @@ from varlide.evaluation import (
     brightness_band,
     evaluate,
     format_table,
-    holdout_split,
-    is_held_out,
     measure,
     paired_folders,
     paired_from_folder,
@@ -51,23 +49,32 @@ def _stack(arrays):
 # ------------------------------------------------------------------ split
 
 
-def test_holdout_split_is_deterministic_and_stable_when_files_are_added():
-    paths = [f"img/{i:05d}.jpg" for i in range(2000)]
-    train, held = holdout_split(paths, 0.1, seed=0)
-    assert (train, held) == holdout_split(list(paths), 0.1, seed=0)
+def test_held_out_images_are_the_trainers_by_content():
+    """One rule (varlide.holdout): content hash below the fraction, the lowest ``limit``."""
+    import hashlib
+
+    from varlide import holdout
+
+    blobs = {f"img/{i:05d}.jpg": f"image {i}".encode() for i in range(2000)}
+    sha = {k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
+    paths = list(blobs)
+    train, held = holdout.split(paths, sha.__getitem__, 0.1, limit=None)
+    assert (train, held) == holdout.split(list(paths), sha.__getitem__, 0.1, limit=None)
     assert sorted(train + held) == paths and not set(train) & set(held)
     assert 150 < len(held) < 250  # ~10 %
-    assert held == [p for p in paths if is_held_out(p, 0.1, seed=0)]
-    # adding files (anywhere in the order) never moves an existing file across the split
-    more = [f"new/{i}.png" for i in range(500)] + paths[::-1]
-    _, held2 = holdout_split(more, 0.1, seed=0)
+    assert held == sorted((p for p in paths if holdout.content_fraction(sha[p]) < 0.1),
+                          key=sha.__getitem__)
+    # without a cap, adding files never moves an existing one across the split
+    more = {f"new/{i}.png": f"new {i}".encode() for i in range(500)}
+    sha.update({k: hashlib.sha256(v).hexdigest() for k, v in more.items()})
+    _, held2 = holdout.split([*more, *paths[::-1]], sha.__getitem__, 0.1, limit=None)
     assert set(held2) & set(paths) == set(held)
-    # the seed changes the split; fractions nest (a 5 % split is inside the 10 % one)
-    assert holdout_split(paths, 0.1, seed=1)[1] != held
-    assert set(holdout_split(paths, 0.05, seed=0)[1]) <= set(held)
-    assert holdout_split(paths, 0.0)[1] == [] and holdout_split(paths, 1.0)[0] == []
+    # fractions nest; the cap keeps the lowest hashes; renaming cannot move an image
+    assert set(holdout.split(paths, sha.__getitem__, 0.05, None)[1]) <= set(held)
+    assert holdout.split(paths, sha.__getitem__, 0.1, limit=48)[1] == held[:48]
+    assert holdout.split(paths, sha.__getitem__, 0.0)[1] == []
     with pytest.raises(ValueError):
-        holdout_split(paths, 1.5)
+        holdout.split(paths, sha.__getitem__, 1.5)
 
 
 def test_brightness_bands():
@@ -242,8 +249,10 @@ def test_default_sets_on_shared_data(shared_data):
     assert list(by_name) == ["sice-paired", "dev-lowlight", "sice-moderate"]
     paired, moderate = by_name["sice-paired"], by_name["sice-moderate"]
     assert len(paired) == 2 and len(moderate) == 2
-    held = set(holdout_split(sorted(p.name for p in (shared_data / "train-sice").iterdir()),
-                             0.05, 0)[1])
+    from varlide import holdout
+
+    held = set(holdout.split_corpus(str(shared_data / "train-sice"))[1])
+    assert len(held) == 48  # what the shipped weights' config.json records as held out
     assert {i.meta["source"] for i in paired.items + moderate.items} <= held
     assert all(WELL_EXPOSED[0] <= i.meta["ref_brightness"] <= WELL_EXPOSED[1]
                for i in paired.items)

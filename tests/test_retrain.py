@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -302,3 +303,30 @@ def test_cli_validates_retrain_configuration(tmp_path, capsys):
     bad.write_text("trian: {}\n")
     assert main(["serve", str(tmp_path), "--dataset", "night", "--config", str(bad)]) == 2
     assert "unknown section" in capsys.readouterr().err
+
+
+def test_bootstrap_uses_the_retrained_enhancers_shipped_weights(registry_env, prefect_harness):
+    """``--model-name night-lite``: the registry name is the user's; the first champion is
+    the shipped weights of the enhancer being retrained (varlide/weights/varlide-lite/)."""
+    from prefect import flow
+
+    from tasks.retrain import ensure_champion_task
+    from varlide import registry_mlflow as registry
+    from varlide.models.varlide_lite import default_weights_dir, weights_sha256
+    from varlide.tracking import RunTracker
+
+    run = RunTracker("varlide-retrain", "bootstrap-test")
+
+    @flow
+    def bootstrap() -> dict:
+        return ensure_champion_task("night-lite", "champion", None, run.mlflow_run_id,
+                                    "varlide-lite")
+
+    assert bootstrap() == {"version": "1", "bootstrapped": True}
+    folder = Path(registry.resolve_model_uri("models:/night-lite@champion"))
+    if folder.is_file():
+        folder = folder.parent
+    shipped = default_weights_dir("varlide-lite") / "model.safetensors"
+    assert weights_sha256((folder / "model.safetensors").read_bytes()) == \
+        weights_sha256(shipped.read_bytes())
+    assert bootstrap() == {"version": "1", "bootstrapped": False}

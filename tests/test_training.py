@@ -9,9 +9,10 @@ import torch
 from conftest import make_rgb
 from PIL import Image
 
+from varlide.holdout import split_corpus
 from varlide.models import create_enhancer
 from varlide.models.varlide_lite import default_weights_dir
-from varlide.training import TrainConfig, split_corpus, train
+from varlide.training import TrainConfig, train
 
 TINY_MODEL = {"width": 4, "vgpm_width": 4, "hidden": 4}
 
@@ -113,12 +114,12 @@ def test_zero_dce_baseline_trains(corpus, tmp_path):
 
 
 def test_split_is_by_content_not_name(corpus, tmp_path):
-    train_a, val_a = split_corpus(str(corpus), val_fraction=0.3)
+    train_a, val_a = split_corpus(str(corpus), fraction=0.3)
     renamed = tmp_path / "renamed"
     renamed.mkdir()
     for p in corpus.glob("*.png"):
         (renamed / f"x_{p.name}").write_bytes(p.read_bytes())
-    train_b, val_b = split_corpus(str(renamed), val_fraction=0.3)
+    train_b, val_b = split_corpus(str(renamed), fraction=0.3)
     assert sorted(f"x_{n}" for n in val_a) == sorted(val_b) and len(train_a) == len(train_b)
 
 
@@ -127,3 +128,25 @@ def test_config_validation():
         TrainConfig(enhancer="nope")
     with pytest.raises(ValueError, match="scale"):
         TrainConfig(scale=(0.0, 1.0))
+
+
+def test_evaluation_holds_out_exactly_the_trainers_images(tmp_path):
+    """The trainer's validation images, ``varlide eval``'s default sets and the retrain
+    gate's held-out images come from one rule (varlide.holdout): the same files."""
+    from varlide import holdout
+    from varlide.evaluation import default_sets
+
+    root = tmp_path / "data" / "train-sice"
+    root.mkdir(parents=True)
+    for i in range(24):  # well exposed and moderate, so both train-sice sets fill
+        scale = (0.3, 0.5, 0.7, 0.9)[i % 4]
+        Image.fromarray(make_rgb(40, 48, seed=100 + i, scale=scale)).save(root / f"s{i}.png")
+    r = train(str(root), str(tmp_path / "out"), tiny(steps=1, val_fraction=0.4, val_max=6,
+                                                      val_every=1, checkpoint_every=1))
+    trainer_held = r.split["val_rel_paths"]
+    assert 0 < len(trainer_held) <= 6
+    assert holdout.split_corpus(str(root), 0.4, 6)[1] == trainer_held
+    sets = default_sets(str(tmp_path / "data"), 0.4, 6, synthetic=False, pseudo_limit=None,
+                        moderate_limit=None)
+    used = {i.meta["source"] for s in sets if s.name.startswith("sice") for i in s.items}
+    assert used and used <= set(trainer_held)

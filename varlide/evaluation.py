@@ -3,8 +3,7 @@
 One call measures every enhancer on every set and gives one table (issue 3, "Evaluation and
 the bar to beat")::
 
-    from varlide.evaluation import (evaluate, format_table, paired_synthetic,
-                                    unpaired_folder, holdout_split)
+    from varlide.evaluation import evaluate, format_table, paired_synthetic, unpaired_folder
     sets = [paired_synthetic(), unpaired_folder("../shared/data/dev-lowlight")]
     df = evaluate({"input": None, "classic-curve": "classic-curve"}, sets)
     print(format_table(df))
@@ -28,10 +27,8 @@ bounded whatever the folder's size):
   luma, reported overall and by brightness band of the input (:data:`BANDS`).
 - :meth:`EvalSet.from_arrays`: in-memory arrays (tests, notebooks).
 
-Held-out split shared with the trainer: :func:`holdout_split` (``rel_paths, fraction,
-seed -> (train, held_out)``) decides per relative path by a hash of ``seed`` and the path,
-so the trainer and the evaluator agree without coordination and adding files never moves
-an existing file across the split.
+Held-out images: the trainer's, by the one rule in :mod:`varlide.holdout` (content hash,
+5 %, at most 48), so no image evaluated as held out was trained on.
 
 Measures, per image and per enhancer (``'input'``, enhancer None, is the identity):
 
@@ -71,7 +68,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +77,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from varlide import holdout
 from varlide.iqa.base import Metric, MetricInfo, create_metric, metric_info
 from varlide.iqa.measure import measure as measure_metric
 
@@ -94,8 +92,6 @@ __all__ = [
     "EvalSet",
     "SeparableSSIM",
     "brightness_band",
-    "holdout_split",
-    "is_held_out",
     "paired_synthetic",
     "paired_from_folder",
     "paired_folders",
@@ -140,34 +136,10 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # --------------------------------------------------------------------------- split
 
 
-def _path_fraction(rel_path: str, seed: int) -> float:
+def _path_fraction(rel_path: str, seed: int) -> float:  # a sample order, not a split
     """A uniform number in [0, 1) from ``seed`` and the path (sha256, first 8 bytes)."""
     digest = hashlib.sha256(f"{int(seed)}:{rel_path}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def is_held_out(rel_path: str, fraction: float = 0.05, seed: int = 0) -> bool:
-    """Whether ``rel_path`` belongs to the held-out split (see :func:`holdout_split`)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction: expected a value in [0, 1], got {fraction}")
-    return _path_fraction(rel_path, seed) < fraction
-
-
-def holdout_split(
-    rel_paths: Iterable[str], fraction: float = 0.05, seed: int = 0
-) -> tuple[list[str], list[str]]:
-    """``(train, held_out)`` relative paths, each in input order.
-
-    A path is held out when ``sha256(f"{seed}:{rel_path}")``, read as a number in [0, 1),
-    is below ``fraction``: the decision depends on that path alone, so it is the same in
-    every process and adding or removing other files never moves a file across the split.
-    Use POSIX relative paths (as ``varlide.storage.listing.list_corpus`` gives them).
-    """
-    train: list[str] = []
-    held: list[str] = []
-    for rel in rel_paths:
-        (held if is_held_out(rel, fraction, seed) else train).append(rel)
-    return train, held
 
 
 def brightness_band(value: float) -> str:
@@ -375,7 +347,7 @@ def paired_from_folder(
 ) -> EvalSet:
     """Well-exposed images of a folder as pseudo-references, degraded like the demo corpus.
 
-    ``rel_paths``: the candidates (e.g. ``holdout_split(paths, 0.05)[1]``; default: every
+    ``rel_paths``: the candidates (e.g. ``holdout.split_corpus(folder)[1]``; default: every
     image under ``uri``); ``brightness``: the mean-luma range of a usable reference;
     ``max_side``: references are area-downscaled to this long side first (it also averages
     JPEG artefacts away; None = full size); ``limit``: at most this many references (a
@@ -481,7 +453,7 @@ def unpaired_folder(
     exclude: Sequence[str] = (),
 ) -> EvalSet:
     """Real images without reference (e.g. dev-lowlight, or held-out moderately lit images
-    of train-sice: ``rel_paths=holdout_split(...)[1], brightness=MODERATE``).
+    of train-sice: ``rel_paths=holdout.split_corpus(...)[1], brightness=MODERATE``).
 
     ``brightness`` filters by the input's mean luma (decodes every candidate once; without
     it and without ``limit`` nothing is decoded until evaluation); ``max_side`` area-
@@ -515,8 +487,8 @@ def _default_name(uri: str, _kind: str) -> str:
 
 def default_sets(
     data_root: str = "../shared/data",
-    fraction: float = 0.05,
-    seed: int = 0,
+    fraction: float = holdout.FRACTION,
+    limit: int | None = holdout.LIMIT,
     *,
     synthetic: bool = True,
     pseudo_limit: int | None = 24,
@@ -526,11 +498,11 @@ def default_sets(
     """Issue 3's sets, those whose data exists under ``data_root``:
 
     ``synthetic`` (:func:`paired_synthetic` defaults); ``sice-paired``: well-exposed
-    held-out train-sice images as pseudo-references (``holdout_split(..., fraction,
-    seed)``); ``dev-lowlight`` (real, very dark but one); ``sice-moderate``: held-out
-    train-sice images with mean luma in :data:`MODERATE`, at ``max_side``.
+    held-out train-sice images (the trainer's: ``holdout.split_corpus(..., fraction,
+    limit)``) as pseudo-references; ``dev-lowlight`` (real, very dark but one);
+    ``sice-moderate``: held-out train-sice images with mean luma in :data:`MODERATE`, at
+    ``max_side``.
     """
-    from varlide.storage.listing import list_corpus
     from varlide.storage.uri import filesystem, join
 
     sets: list[EvalSet] = [paired_synthetic()] if synthetic else []
@@ -538,7 +510,7 @@ def default_sets(
     sice_fs, sice_path = filesystem(sice)
     held: list[str] | None = None
     if sice_fs.exists(sice_path):
-        held = holdout_split([f.rel_path for f in list_corpus(sice)], fraction, seed)[1]
+        held = holdout.split_corpus(sice, fraction, limit)[1]  # the trainer's held-out
         sets.append(paired_from_folder(sice, held, limit=pseudo_limit, max_side=max_side,
                                        name="sice-paired"))
     low = join(data_root, "dev-lowlight")

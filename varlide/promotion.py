@@ -4,7 +4,7 @@
   output store (every run's Parquet under ``<out>/scores/<dataset>/``), by ``processed_at``,
   one per ``source_uri``; :func:`stage_corpus` copies them into a training folder.
 - :func:`heldout_sets`: the held-out images of that folder (the trainer's own split,
-  ``varlide.training.split_corpus``) as two weight-free evaluation sets: ``synthetic``
+  ``varlide.holdout.split_corpus``) as two weight-free evaluation sets: ``synthetic``
   (psnr of the demo degradation of each held-out image, well-exposed ones as references
   when there are any) and ``real`` (piqe, brightness and ``in_band``, the exposure band).
 - :func:`score_pair`: champion and candidate measured on the same images with the same

@@ -5,12 +5,13 @@ or an ablation variant) on any image corpus URI, with no reference images:
 
 Data
     Every image under ``corpus_uri`` (``varlide.storage.listing`` rules) is read once into
-    memory as encoded bytes. The validation split is deterministic by content:
-    an image is held out when ``int(sha256(bytes)[:8], 16) / 2**32 < val_fraction`` (renaming
-    or reordering files does not move it; the same photograph in two folders lands on the same
-    side), capped at ``val_max`` images (the lowest hashes). On train-sice (33 % dark, 27 %
-    moderate, 39 % bright) the default (5 %, at most 48) holds out 48 images: 16 dark,
-    14 moderately lit, 18 bright by the mean luma of the degraded crop;
+    memory as encoded bytes. The validation split is the one held-out rule
+    (``varlide.holdout``): an image is held out when ``int(sha256(bytes)[:8], 16) / 2**32 <
+    val_fraction`` (renaming or reordering files does not move it; the same photograph in two
+    folders lands on the same side), capped at ``val_max`` images (the lowest hashes). On
+    train-sice (33 % dark, 27 % moderate, 39 % bright) the default (5 %, at most 48) holds
+    out 48 images: 16 dark, 14 moderately lit, 18 bright by the mean luma of the degraded
+    crop;
     ``TrainResult.split`` reports the counts by class and the held-out paths.
 Batches
     Step ``s`` draws its batch from ``numpy.random.default_rng([seed, s])``: ``batch_size``
@@ -67,6 +68,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from varlide import holdout
+
 log = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -104,8 +107,8 @@ class TrainConfig:
     grad_clip: float = 0.5
     mask: str = "soft"  # VICM truncation in training: soft | ste
     temperature: tuple[float, float] = (1.0, 0.05)
-    val_fraction: float = 0.05
-    val_max: int = 48
+    val_fraction: float = holdout.FRACTION
+    val_max: int = holdout.LIMIT
     val_crop: int = 128
     val_every: int = 200
     checkpoint_every: int = 100
@@ -184,10 +187,6 @@ class _Image:
     sha256: str
 
 
-def _hash_fraction(sha: str) -> float:
-    return int(sha[:8], 16) / 2**32
-
-
 def _read_corpus(corpus_uri: str, max_images: int | None) -> list[_Image]:
     from varlide.storage.listing import list_corpus
     from varlide.storage.uri import filesystem, join
@@ -203,21 +202,6 @@ def _read_corpus(corpus_uri: str, max_images: int | None) -> list[_Image]:
 
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(read, files))
-
-
-def split_images(images: list, val_fraction: float, val_max: int) -> tuple[list, list]:
-    """Deterministic (train, val) by content hash; val capped at ``val_max`` (lowest hashes)."""
-    val = sorted((im for im in images if _hash_fraction(im.sha256) < val_fraction),
-                 key=lambda im: im.sha256)[:val_max]
-    held = {id(im) for im in val}
-    return [im for im in images if id(im) not in held], val
-
-
-def split_corpus(corpus_uri: str, val_fraction: float = 0.05, val_max: int = 48,
-                 max_images: int | None = None) -> tuple[list[str], list[str]]:
-    """The (train, val) relative paths ``train`` would use (for evaluation on held-out data)."""
-    tr, va = split_images(_read_corpus(corpus_uri, max_images), val_fraction, val_max)
-    return [im.rel_path for im in tr], [im.rel_path for im in va]
 
 
 def _decode_u8(data: bytes) -> np.ndarray | None:
@@ -595,7 +579,8 @@ def train(
     started = time.perf_counter()
 
     images = _read_corpus(corpus_uri, cfg.max_images)
-    train_set, val_set = split_images(images, cfg.val_fraction, cfg.val_max)
+    train_set, val_set = holdout.split(images, lambda im: im.sha256, cfg.val_fraction,
+                                       cfg.val_max)
     if not train_set:
         raise ValueError(f"no training images left under {corpus_uri} after the validation split")
     prior = create_prior(cfg.prior, device="cpu")
@@ -606,7 +591,7 @@ def train(
                               for n, _, _ in BRIGHTNESS_BINS},
         "val_paired": int(val["paired"].shape[0]) if val and "paired" in val else 0,
         "val_rel_paths": [im.rel_path for im in val_set],
-        "rule": f"sha256(bytes)[:8] / 2^32 < {cfg.val_fraction}, at most {cfg.val_max}",
+        "rule": holdout.describe(cfg.val_fraction, cfg.val_max),
     }
     if val and len(images) >= 100 and not split["val_by_brightness"]["mid"]:
         log.warning("training: the validation split holds no moderately lit image")
