@@ -24,7 +24,7 @@ with it (``--backbone denoise`` also filters the baselines' outputs: rows "+ den
 
     .venv/bin/python $A denoise --out /tmp/train/denoise
     .venv/bin/python $A eval $EV --out /tmp/train/full --variants a --suffix " (800 steps)" \
-        --shipped varlide/weights/varlide-lite --backbone denoise --tag dn1 \
+        --shipped varlide/models/shipped/varlide-lite --backbone denoise --tag dn1 \
         --label "varlide-lite (shipped: VICM, E 0.525, 800 steps)"
     .venv/bin/python $A eval $EV --out /tmp/train/full525 --variants b --no-baselines \
         --suffix " (800 steps, E 0.525)" --shipped /tmp/train/ship800-vgpm525/final \
@@ -359,7 +359,7 @@ def main(argv=None) -> None:
                    "denoise also filters the baselines' outputs (rows '+ denoiser')")
     d = sub.add_parser("downscale", help="quality cost of downscaled curve estimation")
     d.add_argument("--data-root", default="../shared/data")
-    d.add_argument("--weights", default="varlide/weights/varlide-lite")
+    d.add_argument("--weights", default="varlide/models/shipped/varlide-lite")
     d.add_argument("--factors", type=lambda t: [float(x) for x in t.split(",")],
                    default=[1.0, 2.0, 4.0])
     d.add_argument("--max-images", type=int, default=16)
@@ -369,7 +369,7 @@ def main(argv=None) -> None:
                    help="force the backbone slot (METHOD.md's table: identity)")
     n = sub.add_parser("denoise", help="which filter fills the backbone slot")
     n.add_argument("--data-root", default="../shared/data")
-    n.add_argument("--weights", default="varlide/weights/varlide-lite")
+    n.add_argument("--weights", default="varlide/models/shipped/varlide-lite")
     n.add_argument("--max-images", type=int, default=16)
     n.add_argument("--seeds", type=int, default=3)
     n.add_argument("--dev-max-side", type=int, default=512)

@@ -5,7 +5,8 @@ are pure torch and imported inside ``main``)::
 
     PYTHONPATH=. python benchmarks/enhancer.py                       # 1280x720, CUDA if any
     PYTHONPATH=. python benchmarks/enhancer.py --device cpu --size 160x96 --batch 4
-    PYTHONPATH=. python benchmarks/enhancer.py --compile --weights varlide/weights/varlide-lite
+    PYTHONPATH=. python benchmarks/enhancer.py --compile \
+        --weights varlide/models/shipped/varlide-lite
 
 Stages (each on random frames of ``--size``):
   curve net      Zero-DCE curve estimator + 8 curve iterations (the ANCHORS.md reference)

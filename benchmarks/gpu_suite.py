@@ -51,10 +51,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = REPO / "varlide" / "weights" / "varlide-lite"
+WEIGHTS = REPO / "varlide" / "models" / "shipped" / "varlide-lite"
 METRICS = ("brightness", "contrast", "entropy", "colorfulness", "sharpness", "overexposed")
 ANCHORS = {  # img/s, one H100, 1280x720 (shared/reference/ANCHORS.md)
     "decode": ("nvJPEG batched", 11_529),
@@ -188,6 +187,8 @@ def sorted_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def make_corpus(n: int, h: int, w: int, device: torch.device, quality: int = 90) -> list[bytes]:
     """``n`` JPEG files (Pillow, 4:2:0, the CPU encoder's settings), made in chunks."""
+    from PIL import Image
+
     out: list[bytes] = []
 
     def encode(arr: np.ndarray) -> bytes:

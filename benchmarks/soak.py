@@ -42,8 +42,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from proctree import alive, descendants  # noqa: E402
 
 BUCKET = "soak"
 POINTS = ("start-up", "mid-shard", "between-parquet-and-marker")
@@ -288,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             kills.append({"point": point, "killed": False, "rc": proc.returncode,
                           "t_kill": time.monotonic()})
             continue
+        sys.path.insert(0, str(REPO / "tests"))
+        from proctree import alive, descendants  # psutil: not at module level
+
         tree = descendants(proc.pid)
         at_kill = up.markers()
         os.kill(proc.pid, signal.SIGKILL)

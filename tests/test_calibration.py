@@ -26,8 +26,8 @@ from varlide.priors.calibration import (
     prior_for_run,
     prior_scale_tags,
     resolve_auto_prior,
-    trained_prior_of,
 )
+from varlide.resolver import trained_prior_of
 
 
 @pytest.fixture

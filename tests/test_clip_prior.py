@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from varlide import weights
 from varlide.config import DEFAULT_CLIP_BLUR_PROMPTS, DEFAULT_CLIP_VISIBILITY_PROMPTS
-from varlide.priors import PRIORS, create_prior
+from varlide.priors import PRIORS, clip_files, create_prior
 
 TINY_ARCH = "varlide-tiny-test"
 TINY_TAG = "random"
@@ -66,11 +66,11 @@ def make_tiny_hub(hub: Path, seed: int = 0) -> Path:
     """A local "hub" folder holding the tiny checkpoint under its weights key, the tag
     registered with ``varlide.weights`` (source: that folder). Returns the file."""
     register_tiny_arch()
-    wf = weights.register_clip_checkpoint(TINY_ARCH, TINY_TAG, url=None)
+    wf = clip_files.register_clip_checkpoint(TINY_ARCH, TINY_TAG, url=None)
     path = hub / wf.key
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(tiny_checkpoint_bytes(seed))
-    weights.register_clip_checkpoint(TINY_ARCH, TINY_TAG, url=str(path))
+    clip_files.register_clip_checkpoint(TINY_ARCH, TINY_TAG, url=str(path))
     return path
 
 
@@ -80,7 +80,7 @@ def install_tiny_clip(cache: Path, seed: int = 0) -> str:
     os.environ["VARLIDE_WEIGHTS_CACHE"] = str(cache)
     hub = cache.parent / (cache.name + "-hub")
     make_tiny_hub(hub, seed)
-    acts = weights.pull([weights.Requirement(weights.clip_checkpoint(TINY_ARCH, TINY_TAG),
+    acts = weights.pull([weights.Requirement(clip_files.clip_checkpoint(TINY_ARCH, TINY_TAG),
                                              "test")], progress=False)
     assert acts[0].what in ("pulled", "present"), acts
     return TINY
@@ -113,26 +113,26 @@ def _images(n: int = 8, h: int = 48, w: int = 64, seed: int = 0) -> torch.Tensor
 
 def test_registered_and_parsed():
     assert "clip" in PRIORS.names()
-    spec = weights.parse_clip_model(None)
+    spec = clip_files.parse_clip_model(None)
     assert (spec.kind, spec.arch, spec.tag) == ("tag", "ViT-B-32", "openai")
-    assert weights.parse_clip_model("RN50:openai").label == "RN50:openai"
-    f = weights.parse_clip_model("ViT-B-32:/x/y/ckpt.safetensors")
+    assert clip_files.parse_clip_model("RN50:openai").label == "RN50:openai"
+    f = clip_files.parse_clip_model("ViT-B-32:/x/y/ckpt.safetensors")
     assert f.kind == "file" and f.path.endswith("ckpt.safetensors")
-    assert weights.parse_clip_model("local-dir:/m").kind == "local-dir"
-    assert weights.parse_clip_model("hf-hub:org/repo").path == "org/repo"
+    assert clip_files.parse_clip_model("local-dir:/m").kind == "local-dir"
+    assert clip_files.parse_clip_model("hf-hub:org/repo").path == "org/repo"
     with pytest.raises(ValueError, match="ARCH:TAG"):
-        weights.parse_clip_model("ViT-B-32")
+        clip_files.parse_clip_model("ViT-B-32")
     with pytest.raises(ValueError, match="mirror"):
-        weights.parse_clip_model("ViT-B-32:s3://bucket/ckpt.bin")
+        clip_files.parse_clip_model("ViT-B-32:s3://bucket/ckpt.bin")
 
 
 def test_real_checkpoints_resolve_to_the_libraries_caches():
-    wf = weights.clip_checkpoint("ViT-B-32", "openai")
+    wf = clip_files.clip_checkpoint("ViT-B-32", "openai")
     assert wf.location == "hf:timm/vit_base_patch32_clip_224.openai/open_clip_pytorch_model.bin"
     assert wf.url.startswith("https://huggingface.co/timm/vit_base_patch32_clip_224.openai/")
     assert "models--timm--vit_base_patch32_clip_224.openai" in str(wf.path())
     with pytest.raises(ValueError, match="known:"):
-        weights.clip_checkpoint("ViT-B-32", "no-such-tag")
+        clip_files.clip_checkpoint("ViT-B-32", "no-such-tag")
 
 
 def test_shapes_and_ranges(prior):
@@ -219,7 +219,7 @@ def test_one_model_per_process_and_device(tiny, prior):
 
 
 def test_file_and_local_dir_checkpoints_load_the_same(tiny, prior, tmp_path):
-    ckpt = weights.clip_checkpoint(TINY_ARCH, TINY_TAG).path()
+    ckpt = clip_files.clip_checkpoint(TINY_ARCH, TINY_TAG).path()
     by_file = create_prior("clip", model=f"{TINY_ARCH}:{ckpt}")
     assert by_file.model == f"{TINY_ARCH}:{ckpt.name}"
     folder = tmp_path / "tiny-dir"
@@ -235,7 +235,7 @@ def test_file_and_local_dir_checkpoints_load_the_same(tiny, prior, tmp_path):
 
 def test_missing_checkpoint_names_file_and_command(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("VARLIDE_WEIGHTS_CACHE", str(tmp_path / "empty"))
-    weights.register_clip_checkpoint("varlide-tiny-test", "absent", url="https://example.invalid/x")
+    clip_files.register_clip_checkpoint("varlide-tiny-test", "absent", url="https://example.invalid/x")
     with pytest.raises(weights.WeightsMissingError) as err:
         create_prior("clip", model="varlide-tiny-test:absent")
     msg = str(err.value)

@@ -245,7 +245,7 @@ def test_suite_reads_the_shipped_weights_like_safetensors():
         from benchmarks.gpu_suite import read_safetensors
     finally:
         sys.path.remove(str(ROOT))
-    data = (ROOT / "varlide/weights/varlide-lite/model.safetensors").read_bytes()
+    data = (ROOT / "varlide/models/shipped/varlide-lite/model.safetensors").read_bytes()
     ours, theirs = read_safetensors(data), st.load(data)
     assert ours.keys() == theirs.keys() and len(ours) > 10
     for k, v in theirs.items():

@@ -70,7 +70,7 @@ def _bad_weights(root: Path) -> dict[str, str]:
 
     from safetensors.torch import load_file, save_file
 
-    shipped = Path(__file__).resolve().parents[1] / "varlide" / "weights" / "varlide-lite"
+    shipped = Path(__file__).resolve().parents[1] / "varlide/models/shipped/varlide-lite"
     state = load_file(shipped / "model.safetensors")
     name = next(k for k, v in state.items() if v.ndim >= 2 and v.is_floating_point())
     variants = {

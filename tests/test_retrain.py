@@ -16,6 +16,7 @@ from conftest import make_rgb
 from PIL import Image
 
 from varlide import promotion
+from varlide.models import files as model_files
 from varlide.promotion import GateConfig, decide
 
 TINY = {"width": 4, "vgpm_width": 4, "hidden": 4}
@@ -164,7 +165,6 @@ def test_registry_pyfunc_and_models_uri(registry_env, tmp_path, capsys):
     import mlflow
 
     from varlide import registry_mlflow as registry
-    from varlide import weights
     from varlide.models import create_enhancer
 
     w = tiny_weights(tmp_path / "w")
@@ -180,7 +180,7 @@ def test_registry_pyfunc_and_models_uri(registry_env, tmp_path, capsys):
     enh = create_enhancer("varlide-lite", weights=uri)  # from_pretrained via the registry
     assert enh.version == json.loads((tmp_path / "w" / "config.json").read_text())[
         "sha256"][:12]
-    files = weights.enhancer_files("varlide-lite", uri)  # resolved up front, into the cache
+    files = model_files.enhancer_files("varlide-lite", uri)  # resolved up front, into the cache
     assert files and all(f.path().is_file() for f in files)
     assert str(tmp_path / "cache") in str(files[0].path())
     with pytest.raises(FileNotFoundError, match="not in the MLflow registry"):
@@ -307,7 +307,7 @@ def test_cli_validates_retrain_configuration(tmp_path, capsys):
 
 def test_bootstrap_uses_the_retrained_enhancers_shipped_weights(registry_env, prefect_harness):
     """``--model-name night-lite``: the registry name is the user's; the first champion is
-    the shipped weights of the enhancer being retrained (varlide/weights/varlide-lite/)."""
+    the shipped weights of the enhancer being retrained (varlide/models/shipped/varlide-lite/)."""
     from prefect import flow
 
     from tasks.retrain import ensure_champion_task

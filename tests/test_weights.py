@@ -15,9 +15,10 @@ import pytest
 import torch
 from test_clip_prior import TINY, make_tiny_hub
 
-from varlide import weights
+from varlide import resolver, weights
 from varlide.cli import main
 from varlide.config import Config
+from varlide.iqa import files as iqa_files
 
 # classic-curve: the round trip is about downloaded files; the default enhancer's weights
 # ship inside the package (covered by test_requirements_name_every_file)
@@ -37,7 +38,7 @@ def _hub(tmp_path):
     hub = tmp_path / "hub"
     make_tiny_hub(hub)
     cfg = Config(metrics=("niqe", "maniqa"), reference_metrics=("lpips",))
-    for r in weights.requirements(cfg, include_reference=True, with_calibration=False):
+    for r in resolver.requirements(cfg, include_reference=True, with_calibration=False):
         if r.file.key and not r.file.key.startswith("package/"):
             path = hub / r.file.key
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,24 +49,24 @@ def _hub(tmp_path):
 def test_requirements_name_every_file():
     cfg = Config(prior="clip", metrics=("piqe", "niqe", "musiq", "maniqa", "clipiqa", "brisque"),
                  reference_metrics=("lpips",), reference="/ref", enhancer="varlide-lite")
-    by = {r.used_by.split(",")[0]: r for r in weights.requirements(cfg, with_calibration=False)}
+    by = {r.used_by.split(",")[0]: r for r in resolver.requirements(cfg, with_calibration=False)}
     assert by["prior clip ViT-B-32:openai"].file.location.startswith(
         "hf:timm/vit_base_patch32_clip_224.openai/")
     assert by["metric niqe"].file.location == "torch-hub:pyiqa/niqe_modelparameters.mat"
     assert by["metric clipiqa"].file.location == "torch-hub:clip/RN50.pt"
     assert by["metric clipiqa"].file.sha256.startswith("afeb0e10")  # pinned by its URL
     assert any(r.file.location.startswith("hf:timm/vit_base_patch8_224")
-               for r in weights.requirements(cfg, with_calibration=False))
-    lpips = {r.file.location for r in weights.requirements(cfg, with_calibration=False)
+               for r in resolver.requirements(cfg, with_calibration=False))
+    lpips = {r.file.location for r in resolver.requirements(cfg, with_calibration=False)
              if r.used_by == "metric lpips"}
     assert lpips == {"torch-hub:pyiqa/LPIPS_v0.1_alex-df73285e.pth",
                      "torch-hub:checkpoints/alexnet-owt-7be5be79.pth"}
-    assert {r.file.location for r in weights.requirements(cfg, with_calibration=False)
+    assert {r.file.location for r in resolver.requirements(cfg, with_calibration=False)
             if r.used_by == "enhancer varlide-lite"} == {
         "package:varlide-lite/model.safetensors", "package:varlide-lite/config.json"}
     assert "metric piqe" not in by  # weight-free
     none = Config(metrics=("brightness", "piqe"), enhance=False)
-    assert weights.requirements(none) == []
+    assert resolver.requirements(none) == []
 
 
 def test_pyiqa_table_matches_pyiqa_source():
@@ -75,7 +76,7 @@ def test_pyiqa_table_matches_pyiqa_source():
 
     root = Path(next(iter(importlib.util.find_spec("pyiqa").submodule_search_locations)))
     text = "\n".join(p.read_text(errors="ignore") for p in (root / "archs").glob("*.py"))
-    for name, files in weights.PYIQA_FILES.items():
+    for name, files in iqa_files.PYIQA_FILES.items():
         for f in files:
             base = f.location.rsplit("/", 1)[-1]
             if f.kind in ("pyiqa",):
@@ -135,7 +136,7 @@ def test_round_trip_pull_mirror_sync_verify(tmp_path, monkeypatch, s3_bucket, ca
 def test_sync_refuses_a_corrupt_mirror_file(tmp_path, monkeypatch):
     hub = _hub(tmp_path)
     _caches(monkeypatch, tmp_path / "a")
-    reqs = weights.requirements(Config(metrics=("niqe",), enhance=False))
+    reqs = resolver.requirements(Config(metrics=("niqe",), enhance=False))
     weights.pull(reqs, hub=str(hub), progress=False)
     mirror = tmp_path / "mirror"
     weights.mirror(str(mirror))
@@ -152,19 +153,19 @@ def test_missing_weights_fail_before_the_run_and_name_the_fetch(tmp_path, monkey
     _caches(monkeypatch, tmp_path / "a")
     cfg = Config(metrics=("brightness", "niqe"), enhance=False)
     with pytest.raises(weights.WeightsMissingError) as err:
-        weights.preflight(cfg)
+        resolver.preflight(cfg)
     msg = str(err.value)
     assert "metric niqe" in msg and str(tmp_path / "a" / "torch" / "hub" / "pyiqa") in msg
     assert "varlide weights pull" in msg and "varlide weights sync URI" in msg
     # a mirror that holds it is enough for the CLI (workers sync it at start-up)
-    weights.pull(weights.requirements(cfg), hub=str(hub), progress=False)
+    weights.pull(resolver.requirements(cfg), hub=str(hub), progress=False)
     weights.mirror(str(tmp_path / "mirror"))
     _caches(monkeypatch, tmp_path / "b")
     with pytest.raises(weights.WeightsMissingError):
-        weights.preflight(cfg)
-    weights.preflight(cfg.model_copy(update={"weights_mirror": str(tmp_path / "mirror")}))
+        resolver.preflight(cfg)
+    resolver.preflight(cfg.model_copy(update={"weights_mirror": str(tmp_path / "mirror")}))
     # ... and a worker fills its cache from it before building anything
-    weights.prepare_worker(cfg.model_copy(update={"weights_mirror": str(tmp_path / "mirror")}))
+    resolver.prepare_worker(cfg.model_copy(update={"weights_mirror": str(tmp_path / "mirror")}))
     assert (tmp_path / "b" / "torch" / "hub" / "pyiqa" / "niqe_modelparameters.mat").is_file()
 
 
@@ -172,7 +173,7 @@ def test_offline_switches_and_blocked_downloads(monkeypatch):
     for k in weights.OFFLINE_ENV:
         monkeypatch.delenv(k, raising=False)
     cfg = Config(metrics=("brightness",), enhance=False)
-    weights.prepare_worker(cfg)
+    resolver.prepare_worker(cfg)
     assert all(os.environ[k] == "1" for k in weights.OFFLINE_ENV)
     assert not weights.is_online()
     import huggingface_hub.constants
@@ -183,7 +184,7 @@ def test_offline_switches_and_blocked_downloads(monkeypatch):
                                                                match="metric x tried"):
         torch.hub.download_url_to_file("https://example.invalid/w.pth", "/tmp/w.pth")
     assert torch.hub.download_url_to_file is original
-    weights.prepare_worker(cfg.model_copy(update={"weights_online": True}))
+    resolver.prepare_worker(cfg.model_copy(update={"weights_online": True}))
     assert weights.is_online()
     weights.set_offline(True)
 
@@ -198,4 +199,4 @@ def test_lock_file_format(tmp_path, monkeypatch):
     assert lock["format"] == weights.LOCK_FORMAT
     assert json.loads(weights.lock_path().read_text())["files"]["cache/calibrations/x.json"][
         "size"] == 2
-    assert any(r.file.location == wf.location for r in weights.catalogue())
+    assert any(r.file.location == wf.location for r in resolver.catalogue())

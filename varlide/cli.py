@@ -305,31 +305,30 @@ def _pin_registry_weights(cfg):
 
 def _weights_needed(cfg) -> str:
     """The dry run's weights lines: every file the run needs, present or MISSING."""
-    from varlide import weights
-    from varlide.priors.calibration import prior_id, run_scale, trained_prior_of
+    from varlide import resolver
+    from varlide.priors.calibration import prior_id, run_scale
 
-    if cfg.weights_cache:
-        os.environ["VARLIDE_WEIGHTS_CACHE"] = cfg.weights_cache
-    trained = trained_prior_of(cfg)
+    resolver.use_cache(cfg)
+    trained = resolver.trained_prior_of(cfg)
     lines = [f"  prior   {prior_id(*run_scale(cfg, trained))}"
              + (f" (enhancer trained on {prior_id(*trained)})" if trained else "")]
-    rows = weights.describe(weights.requirements(cfg, trained=trained))
+    rows = resolver.describe(resolver.requirements(cfg, trained=trained))
     if not rows:
         lines.append("  weights none")
     for r in rows:
         state = "present" if r["present"] else ("absent (optional)" if r["optional"]
                                                 else "MISSING")
         lines.append(f"  weights {r['used_by']}: {r['path']} [{state}]")
-    for name in weights.uncatalogued_metrics(cfg):
-        lines.append(f"  weights metric {name}: files not catalogued in varlide.weights "
+    for name in resolver.uncatalogued_metrics(cfg):
+        lines.append(f"  weights metric {name}: files not catalogued in varlide.iqa.files "
                      "(pyiqa reads them from $TORCH_HOME/hub/pyiqa)")
     return "\n".join(lines)
 
 
 def _preflight(cfg) -> None:
-    from varlide import weights
+    from varlide import resolver
 
-    weights.preflight(cfg)
+    resolver.preflight(cfg)
 
 
 def _check_enhancer_weights(cfg) -> None:
@@ -339,9 +338,10 @@ def _check_enhancer_weights(cfg) -> None:
     if not (cfg.enhance and cfg.enhancer_weights):
         return
     from varlide.models import create_enhancer
+    from varlide.resolver import local_weights
 
     try:
-        create_enhancer(cfg.enhancer, weights=cfg.enhancer_weights, device="cpu",
+        create_enhancer(cfg.enhancer, weights=local_weights(cfg.enhancer_weights), device="cpu",
                         **cfg.enhancer_options)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"enhancer weights {cfg.enhancer_weights} cannot be used with "
@@ -379,20 +379,19 @@ WEIGHTS_FLAGS = ("prior", "prior_model", "metrics", "reference_metrics", "enhanc
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from varlide import weights
+    from varlide import resolver, weights
 
     cfg = _config(args.config, {k: getattr(args, k) for k in WEIGHTS_FLAGS})
-    if cfg.weights_cache:
-        os.environ["VARLIDE_WEIGHTS_CACHE"] = cfg.weights_cache
+    resolver.use_cache(cfg)
     if args.action in ("mirror", "sync") and not args.uri:
         raise ConfigError(f"`varlide weights {args.action}` needs a URI (bucket prefix/folder)")
     reqs: list = []
     if args.action in ("list", "pull", "mirror"):
-        reqs = weights.requirements(cfg, include_reference=True)
+        reqs = resolver.requirements(cfg, include_reference=True)
         if args.all:
-            reqs = weights._dedupe(reqs + weights.catalogue())
+            reqs = weights.dedupe(reqs + resolver.catalogue())
     if args.action == "list":
-        rows = weights.describe(reqs)
+        rows = resolver.describe(reqs)
         if args.json:
             print(json.dumps(rows, indent=2))
             return EXIT_OK
@@ -402,7 +401,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
                 f" <- {r['source']}" if r["source"] else "")
             lock = f" sha256 {r['sha256'][:12]}" if r["sha256"] else ""
             print(f"{state:8} {r['used_by']}: {r['path']}{extra}{lock}")
-        for name in weights.uncatalogued_metrics(cfg, include_reference=True):
+        for name in resolver.uncatalogued_metrics(cfg, include_reference=True):
             print(f"?        metric {name}: files not catalogued (pyiqa's own cache)")
         print(f"lock file {weights.lock_path()}")
         return EXIT_OK
@@ -453,15 +452,15 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from varlide.engine import resolve_device
     from varlide.priors.calibration import calibrate, parse_prior_id
+    from varlide.resolver import trained_prior_of, use_cache
     from varlide.run import canonical_uri
     from varlide.weights import set_offline
 
     cfg = _config(args.config, {k: getattr(args, k) for k in (
         "prior", "prior_model", "enhancer", "enhancer_weights", "device")})
-    if cfg.weights_cache:
-        os.environ["VARLIDE_WEIGHTS_CACHE"] = cfg.weights_cache
+    use_cache(cfg)
     set_offline(not cfg.weights_online)
-    target = parse_prior_id(args.to) if args.to else None
+    target = parse_prior_id(args.to) if args.to else trained_prior_of(cfg)
     try:
         cal, out = calibrate(canonical_uri(args.reference), cfg, target=target, out=args.out,
                              device=resolve_device(cfg.device), limit=args.limit,

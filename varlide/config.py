@@ -213,9 +213,9 @@ class Config(BaseModel):
 
 @functools.lru_cache(maxsize=16)
 def shipped_weights_id(enhancer: str) -> str | None:
-    """sha256 prefix of the packaged ``varlide/weights/<enhancer>/config.json``; None when the
-    enhancer ships no weights (``classic-curve``)."""
-    path = Path(__file__).resolve().parent / "weights" / enhancer / "config.json"
+    """sha256 prefix of the packaged ``varlide/models/shipped/<enhancer>/config.json``; None
+    when the enhancer ships no weights (``classic-curve``)."""
+    path = Path(__file__).resolve().parent / "models" / "shipped" / enhancer / "config.json"
     if not path.is_file():
         return None
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]

@@ -164,16 +164,15 @@ def _stage_key(cfg: Config, device: torch.device) -> tuple:
 
 def _calibrations_state(cfg: Config) -> tuple:
     """Stored calibrations (a new one is picked up by the next run of a long-lived worker)."""
-    from varlide.weights import calibrations_state
+    from varlide.resolver import calibrations_state, use_cache
 
-    if cfg.weights_cache:
-        os.environ["VARLIDE_WEIGHTS_CACHE"] = cfg.weights_cache
+    use_cache(cfg)
     return calibrations_state()
 
 
 def get_stages(cfg: Config) -> Stages:
     """Build (once per process) the prior, enhancer and measures this config asks for."""
-    from varlide.weights import prepare_worker
+    from varlide.resolver import local_weights, prepare_worker
 
     device = resolve_device(cfg.device)
     prepare_worker(cfg)  # once per config: offline switches, weights_mirror sync, check
@@ -182,7 +181,8 @@ def get_stages(cfg: Config) -> Stages:
         if key not in _STAGES:
             enhancer = None
             if cfg.enhance:
-                enhancer = create_enhancer(cfg.enhancer, weights=cfg.enhancer_weights,
+                enhancer = create_enhancer(cfg.enhancer,
+                                           weights=local_weights(cfg.enhancer_weights),
                                            device=device, **cfg.enhancer_options)
             ref_names = cfg.reference_metrics if cfg.reference else ()
             _STAGES[key] = Stages(

@@ -817,8 +817,9 @@ def load_enhancer(name: str, weights: str | None = None,
     """A registered enhancer for evaluation: ``weights`` (a folder / URI / ``models:/...``;
     None: its shipped weights) on ``device``, routing off (:func:`full_path`)."""
     from varlide.models.base import create_enhancer
+    from varlide.resolver import local_weights
 
-    return full_path(create_enhancer(name, weights=weights, device=device))
+    return full_path(create_enhancer(name, weights=local_weights(weights), device=device))
 
 
 def measure(

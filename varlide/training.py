@@ -613,7 +613,9 @@ def train(
     now_cfg = cfg.as_dict()
     found = _list_checkpoints(out_dir)
     if cfg.init_from and not found:  # fine-tune: start from these weights (same architecture)
-        meta, weights, digest = type(model).read_pretrained(cfg.init_from)
+        from varlide.resolver import local_weights
+
+        meta, weights, digest = type(model).read_pretrained(local_weights(cfg.init_from))
         model._adopt(meta, {k: v.to(device) for k, v in weights.items()}, digest)
     if found:
         step0, uri = found[-1]

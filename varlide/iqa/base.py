@@ -107,7 +107,7 @@ def metric_weights(name: str):
     """The weight files (``varlide.weights.WeightFile``) a measure needs: () for ours and the
     weight-free pyiqa ones, None for a pyiqa metric whose files are not catalogued."""
     import varlide.iqa  # noqa: F401
-    from varlide.weights import metric_files
+    from varlide.iqa.files import metric_files
 
     if name in METRICS:
         return metric_files(name) or ()  # piqe/psnr/ssim: weight-free

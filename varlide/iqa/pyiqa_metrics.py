@@ -106,7 +106,7 @@ BYTES_PER_PIXEL = {"piqe": 140}
 class PyiqaMetric(Metric):
     """One pyiqa model, created once, scoring batches ``(B, 3, H, W)`` in [0, 1].
 
-    Weights: the files ``varlide.weights.PYIQA_FILES`` lists for the metric must be where
+    Weights: the files ``varlide.iqa.files.PYIQA_FILES`` lists for the metric must be where
     pyiqa / torchvision / timm look for them; offline (the default) a missing one is a
     ``WeightsMissingError`` naming it and ``varlide weights pull``, raised before pyiqa is
     even imported, and any download pyiqa still attempts is refused the same way.
@@ -114,13 +114,14 @@ class PyiqaMetric(Metric):
 
     def __init__(self, name: str, device: str | torch.device = "cpu", **kwargs) -> None:
         from varlide import weights
+        from varlide.iqa.files import metric_files
 
         self.info = pyiqa_info(name)
         self.device = torch.device(device)
         self.bytes_per_pixel = BYTES_PER_PIXEL.get(name, Metric.bytes_per_pixel)
         online = weights.is_online()
         if not online:
-            weights.ensure_files(weights.metric_files(name) or (), f"metric {name}")
+            weights.ensure_files(metric_files(name) or (), f"metric {name}")
         import pyiqa
 
         guard = (contextlib.nullcontext() if online
@@ -138,8 +139,8 @@ class PyiqaMetric(Metric):
                 f"pyiqa metric {name!r} needs weights that are not in the local cache "
                 f"({DEFAULT_CACHE_DIR}, the Hugging Face hub cache or torch hub checkpoints) "
                 f"and none can be downloaded here ({type(e).__name__}: {e}).\n"
-                + (weights.fetch_hint() if weights.metric_files(name) is not None else
-                   f"Its files are not catalogued in varlide.weights.PYIQA_FILES: build it once "
+                + (weights.fetch_hint() if metric_files(name) is not None else
+                   f"Its files are not catalogued in varlide.iqa.files.PYIQA_FILES: build it once "
                    f"online (`python -c \"import pyiqa; pyiqa.create_metric('{name}')\"`) and "
                    f"copy {DEFAULT_CACHE_DIR} and the Hugging Face hub cache to this machine, "
                    "or add its files to PYIQA_FILES so `varlide weights` manages them.")

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "varlide-enhancer-1"
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "shipped"
 SKIP_VISIBILITY = (0.87, 0.97)
 FULL_BLUR = 0.30
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -182,10 +182,9 @@ class Pretrained:
     def read_pretrained(cls, path_or_uri: str | Path) -> tuple[dict, dict[str, torch.Tensor], str]:
         """(config.json as a dict, state dict, sha256) from a folder or a .safetensors file."""
         uri = str(path_or_uri).rstrip("/")
-        if uri.startswith("models:/"):  # MLflow registry (NAME@ALIAS, NAME/VERSION): cached
-            from varlide.registry_mlflow import resolve_model_uri
-
-            uri = resolve_model_uri(uri)
+        if uri.startswith("models:/"):  # resolved above the models, once per worker
+            raise ValueError(f"{uri}: an MLflow registry URI reaches a model as the folder "
+                             "varlide.resolver.local_weights downloads it to")
         if uri.endswith(".safetensors"):
             weights_uri = uri
             config_uri = uri.rsplit("/", 1)[0] + "/" + CONFIG_FILE if "/" in uri else CONFIG_FILE
@@ -508,7 +507,7 @@ class VarlideLite(Pretrained, Enhancer):
 
 @ENHANCERS.register("varlide-lite")
 def _make_varlide_lite(weights: str | None = None, **kw) -> VarlideLite:
-    """``weights=None``: the shipped default weights (varlide/weights/varlide-lite/)."""
+    """``weights=None``: the shipped default weights (varlide/models/shipped/varlide-lite/)."""
     if weights is None:
         folder = default_weights_dir("varlide-lite")
         if not (folder / WEIGHTS_FILE).is_file():

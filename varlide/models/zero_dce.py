@@ -9,7 +9,7 @@ ignores the prior scores at inference, but its weights still record the prior th
 used (the trainer computes them for every model).
 
 Weights: the same ``save_pretrained`` / ``from_pretrained`` format as ``varlide-lite``
-(``model.safetensors`` + ``config.json``); default weights at ``varlide/weights/zero-dce/``.
+(``model.safetensors`` + ``config.json``); default weights at ``varlide/models/shipped/zero-dce/``.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class ZeroDCE(Pretrained, Enhancer):
 
 @ENHANCERS.register("zero-dce")
 def _make_zero_dce(weights: str | None = None, **kw) -> ZeroDCE:
-    """``weights=None``: the shipped default weights (varlide/weights/zero-dce/)."""
+    """``weights=None``: the shipped default weights (varlide/models/shipped/zero-dce/)."""
     if weights is None:
         folder = default_weights_dir("zero-dce")
         if not (folder / WEIGHTS_FILE).is_file():

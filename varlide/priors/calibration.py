@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from varlide import weights
 from varlide.priors.base import Prior, PriorScores, create_prior
+from varlide.priors.clip_files import parse_clip_model
+from varlide.weights import Requirement, WeightFile, location_path, record
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -233,40 +234,6 @@ def resolve_auto_prior(cfg: Config, trained: Scale | None) -> Scale:
     return backend, (model if backend == "clip" else None)
 
 
-def trained_prior_of(cfg: Config) -> Scale | None:
-    """The enhancer's trained prior without running it (``config.json`` of its weights, or
-    the enhancer's own attributes); None with ``enhance: false`` or when unreadable."""
-    if not cfg.enhance:
-        return None
-    folder = cfg.enhancer_weights
-    if folder is not None and str(folder).startswith("models:/"):  # MLflow registry
-        from varlide.registry_mlflow import resolve_model_uri
-
-        folder = resolve_model_uri(folder)
-    if folder is None:
-        candidate = weights.package_dir() / cfg.enhancer
-        folder = str(candidate) if (candidate / "config.json").is_file() else None
-    if folder is not None:
-        from varlide.storage.uri import filesystem, join
-
-        uri = str(folder).rstrip("/")
-        cfg_uri = (uri.rsplit("/", 1)[0] + "/config.json" if uri.endswith(".safetensors")
-                   else join(uri, "config.json"))
-        try:
-            fs, path = filesystem(cfg_uri)
-            meta = json.loads(fs.cat_file(path))
-            return meta.get("trained_prior"), meta.get("trained_prior_model")
-        except (FileNotFoundError, OSError, ValueError):
-            return None
-    try:
-        from varlide.models.base import create_enhancer
-
-        enh = create_enhancer(cfg.enhancer, device="cpu")
-    except Exception:  # missing default weights etc.: reported by the weights check
-        return None
-    return (enh.trained_prior, enh.trained_prior_model) if enh.trained_prior else None
-
-
 def prior_kwargs(cfg: Config, backend: str, model: str | None) -> dict[str, Any]:
     if backend == "clip":
         return {"model": model, "visibility_prompts": cfg.clip_visibility_prompts,
@@ -285,7 +252,7 @@ def run_scale(cfg: Config, trained: Scale | None) -> Scale:
     if backend == "clip":
         from varlide.priors.clip import model_id
 
-        return backend, model_id(weights.parse_clip_model(model), cfg.clip_visibility_prompts,
+        return backend, model_id(parse_clip_model(model), cfg.clip_visibility_prompts,
                                  cfg.clip_blur_prompts)
     if backend == "analytic":
         from varlide.priors.analytic import MODEL
@@ -295,16 +262,22 @@ def run_scale(cfg: Config, trained: Scale | None) -> Scale:
 
 
 def default_calibration_path(source: Scale, target: Scale) -> Path:
-    return weights.location_path(weights.calibration_location(prior_id(*source),
-                                                              prior_id(*target)))
+    return location_path(calibration_location(prior_id(*source), prior_id(*target)))
 
 
-def calibration_requirement(cfg: Config, trained: Scale | None = None
-                            ) -> weights.Requirement | None:
+def calibration_location(source: str, target: str) -> str:
+    """Where ``varlide calibrate`` stores the map from prior ``source`` onto ``target``
+    (each ``backend/model``), beside the other weights so they are mirrored together."""
+    def slug(s: str) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
+
+    return f"cache:calibrations/{slug(source)}--to--{slug(target)}.json"
+
+
+def calibration_requirement(cfg: Config, trained: Scale | None) -> Requirement | None:
     """The calibration file a config needs (required when named, optional otherwise), or
-    None when the prior is on the enhancer's trained scale."""
-    if trained is None:
-        trained = trained_prior_of(cfg)
+    None when the prior is on the enhancer's ``trained`` scale (``varlide.resolver``
+    finds it: ``trained_prior_of``) or there is none."""
     if trained is None:
         return None
     source = run_scale(cfg, trained)
@@ -315,11 +288,11 @@ def calibration_requirement(cfg: Config, trained: Scale | None = None
         uri = cfg.prior_calibration
         if "://" in uri and not uri.startswith("file://"):
             return None  # remote: read when the run starts, errors name it
-        return weights.Requirement(weights.WeightFile(
+        return Requirement(WeightFile(
             f"file:{Path(uri.removeprefix('file://')).expanduser().resolve()}", None,
             "calibration", note="made by `varlide calibrate`"), what)
-    loc = weights.calibration_location(prior_id(*source), prior_id(*trained))
-    return weights.Requirement(weights.WeightFile(
+    loc = calibration_location(prior_id(*source), prior_id(*trained))
+    return Requirement(WeightFile(
         loc, None, "calibration", note="made by `varlide calibrate REFERENCE`"), what,
         optional=True)
 
@@ -437,18 +410,17 @@ def score_corpus(priors: list[Prior], uri: str, cfg: Config, limit: int | None =
     return [np.concatenate(o) if o else np.zeros((0, 2), np.float32) for o in out], skipped
 
 
-def calibrate(reference_uri: str, cfg: Config, target: Scale | None = None,
+def calibrate(reference_uri: str, cfg: Config, target: Scale | None,
               out: str | None = None, device: str | torch.device = "cpu",
               limit: int | None = None, batch_size: int = 8,
               progress: bool = False) -> tuple[Calibration, str]:
-    """Fit and store the map from ``cfg``'s prior onto ``target`` (default: the enhancer's
-    trained prior) on the images under ``reference_uri``; returns it and where it went
-    (default: the weights cache, recorded in the lock file so mirrors carry it)."""
+    """Fit and store the map from ``cfg``'s prior onto ``target`` (the caller's default:
+    the enhancer's trained prior, ``varlide.resolver.trained_prior_of``) on the images under
+    ``reference_uri``; returns it and where it went (default: the weights cache, recorded in
+    the lock file so mirrors carry it)."""
     if target is None:
-        target = trained_prior_of(cfg)
-        if target is None:
-            raise ValueError("no target scale: pass --to BACKEND[/MODEL] or an enhancer "
-                             "whose weights record their trained prior")
+        raise ValueError("no target scale: pass --to BACKEND[/MODEL] or an enhancer "
+                         "whose weights record their trained prior")
     if cfg.prior == "auto":
         raise ValueError("calibrate the backend you will run: --prior clip (not auto)")
     src = create_prior(cfg.prior, device=device, **prior_kwargs(cfg, cfg.prior, cfg.prior_model))
@@ -469,10 +441,10 @@ def calibrate(reference_uri: str, cfg: Config, target: Scale | None = None,
     cal = fit_calibration((src.backend, src.model), (tgt.backend, tgt.model), s[:, 0], s[:, 1],
                           t[:, 0], t[:, 1], reference=reference_uri)
     if out is None:
-        loc = weights.calibration_location(prior_id(*cal.source), prior_id(*cal.target))
-        path = weights.location_path(loc, for_write=True)
+        loc = calibration_location(prior_id(*cal.source), prior_id(*cal.target))
+        path = location_path(loc, for_write=True)
         cal.save(path)
-        weights.record([weights.WeightFile(loc, None, "calibration")])
+        record([WeightFile(loc, None, "calibration")])
         out = str(path)
     else:
         cal.save(out)

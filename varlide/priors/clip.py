@@ -45,9 +45,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from varlide import weights
 from varlide.priors.base import PRIORS, Prior, PriorScores
+from varlide.priors.clip_files import ClipSpec, clip_checkpoint, clip_files, parse_clip_model
 from varlide.prompts import DEFAULT_CLIP_BLUR_PROMPTS, DEFAULT_CLIP_VISIBILITY_PROMPTS
+from varlide.weights import ensure_files
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def prompts_suffix(visibility: Any, blur: Any) -> str:
     return f"+prompts-{digest}"
 
 
-def model_id(spec: weights.ClipSpec, visibility: Any = DEFAULT_CLIP_VISIBILITY_PROMPTS,
+def model_id(spec: ClipSpec, visibility: Any = DEFAULT_CLIP_VISIBILITY_PROMPTS,
              blur: Any = DEFAULT_CLIP_BLUR_PROMPTS) -> str:
     """The ``prior_model`` a clip prior with this model and these prompts records."""
     return spec.label + prompts_suffix(visibility, blur)
@@ -104,7 +105,7 @@ class LoadedClip:
     label: str
 
 
-_MODELS: dict[tuple[weights.ClipSpec, str], LoadedClip] = {}
+_MODELS: dict[tuple[ClipSpec, str], LoadedClip] = {}
 _MODELS_LOCK = threading.Lock()
 
 
@@ -123,14 +124,14 @@ def _preprocess_of(model: torch.nn.Module, overrides: dict[str, Any]) -> Preproc
     )
 
 
-def _create(spec: weights.ClipSpec) -> LoadedClip:
+def _create(spec: ClipSpec) -> LoadedClip:
     import open_clip
 
     overrides: dict[str, Any] = {}
     quick_gelu = False
     if spec.kind in ("tag", "file"):
         if spec.kind == "tag":
-            wf = weights.clip_checkpoint(spec.arch, spec.tag)
+            wf = clip_checkpoint(spec.arch, spec.tag)
             from open_clip.pretrained import get_pretrained_cfg
 
             tag_cfg = get_pretrained_cfg(spec.arch, spec.tag) or {}
@@ -138,15 +139,15 @@ def _create(spec: weights.ClipSpec) -> LoadedClip:
             overrides = {k: tag_cfg.get(k) for k in ("mean", "std", "interpolation",
                                                      "resize_mode")}
         else:
-            wf = weights.clip_files(spec)[0]
-        weights.ensure_files([wf], f"prior clip {spec.label}")
+            wf = clip_files(spec)[0]
+        ensure_files([wf], f"prior clip {spec.label}")
         model = open_clip.create_model(spec.arch, pretrained=str(wf.path()), device="cpu",
                                        force_quick_gelu=quick_gelu, weights_only=True,
                                        require_pretrained=True)
         tokenizer = open_clip.get_tokenizer(spec.arch)
     else:  # local-dir: / hf-hub: (the hub offline: its cache only)
         if spec.kind == "local-dir":
-            weights.ensure_files(weights.clip_files(spec), f"prior clip {spec.label}")
+            ensure_files(clip_files(spec), f"prior clip {spec.label}")
         name = f"{spec.kind}:{spec.path}"
         model = open_clip.create_model(name, device="cpu", weights_only=True,
                                        require_pretrained=True)
@@ -154,11 +155,11 @@ def _create(spec: weights.ClipSpec) -> LoadedClip:
     return LoadedClip(model.eval(), tokenizer, _preprocess_of(model, overrides), spec.label)
 
 
-def load_clip(spec: weights.ClipSpec | str | None, device: str | torch.device = "cpu"
+def load_clip(spec: ClipSpec | str | None, device: str | torch.device = "cpu"
               ) -> LoadedClip:
     """The open_clip model of ``spec`` on ``device``: built once per process and device."""
-    if not isinstance(spec, weights.ClipSpec):
-        spec = weights.parse_clip_model(spec)
+    if not isinstance(spec, ClipSpec):
+        spec = parse_clip_model(spec)
     device = torch.device(device)
     key = (spec, str(device))
     with _MODELS_LOCK:

@@ -1,0 +1,30 @@
+"""The enhancers' weight files: a folder the user names, or the shipped default weights
+(``varlide/models/shipped/<name>/``). ``models:/`` URIs are resolved above, by
+``varlide.resolver``; a model only ever sees a folder or a URI of our own format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from varlide.weights.files import WeightFile, package_dir
+
+ENHANCERS_WITH_DEFAULT_WEIGHTS = ("varlide-lite", "zero-dce")
+
+
+
+def enhancer_files(name: str, weights: str | None) -> list[WeightFile]:
+    note = (f"made by `varlide train DATA OUT --enhancer {name}`; copy OUT/final/ to "
+            f"{package_dir() / name}/ or pass --weights")
+    if weights:
+        if weights.startswith("models:/"):
+            raise ValueError(f"{weights}: resolve it first (varlide.resolver.local_weights)")
+        if "://" in weights and not weights.startswith("file://"):
+            return []  # a remote folder: read by the enhancer's own loader, errors name it
+        p = Path(weights.removeprefix("file://")).expanduser().resolve()
+        files = [p, p.parent / "config.json"] if p.suffix == ".safetensors" else [
+            p / "model.safetensors", p / "config.json"]
+        return [WeightFile(f"file:{f}", None, "enhancer", note=note) for f in files]
+    if name in ENHANCERS_WITH_DEFAULT_WEIGHTS or (package_dir() / name).is_dir():
+        return [WeightFile(f"package:{name}/{f}", None, "enhancer", note=note)
+                for f in ("model.safetensors", "config.json")]
+    return []
