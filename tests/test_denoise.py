@@ -120,3 +120,27 @@ def test_training_forward_goes_through_the_backbone():
     assert torch.allclose(out["image"], expected, atol=1e-4)
     out["image"].mean().backward()
     assert all(p.grad is not None for p in model.vicm.parameters())
+
+
+def test_a_new_backbone_is_one_registration(monkeypatch):
+    """A backbone registered under a new name is built by name and runs in the slot."""
+    from torch import nn
+
+    from varlide.models import create_enhancer
+    from varlide.models.backbones import BACKBONES, IdentityBackbone, backbone_names
+
+    class Halve(IdentityBackbone):
+        def tag(self) -> str:
+            return "halve"
+
+        def forward(self, image, source, sigma_in=None):
+            return image * 0.5
+
+    monkeypatch.setitem(BACKBONES._factories, "halve", lambda **_: Halve())
+    assert "halve" in backbone_names() and {"identity", "denoise"} <= set(backbone_names())
+    x = torch.rand(2, 3, 24, 32) * 0.2
+    v, b = torch.full((2,), 0.2), torch.zeros(2)
+    plain = create_enhancer("classic-curve").enhance(x, v, b).images
+    halved = create_enhancer("classic-curve", backbone="halve")
+    assert isinstance(halved.backbone, nn.Module)
+    torch.testing.assert_close(halved.enhance(x, v, b).images, plain * 0.5)

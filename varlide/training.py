@@ -142,8 +142,10 @@ class TrainConfig:
         if self.final_inference_downscale is not None and self.final_inference_downscale < 1:
             raise ValueError(f"final_inference_downscale: None or >= 1, got "
                              f"{self.final_inference_downscale!r}")
-        if self.final_backbone not in (None, "identity", "denoise"):
-            raise ValueError(f"final_backbone: None, 'identity' or 'denoise', got "
+        from varlide.models.backbones import backbone_names
+
+        if self.final_backbone is not None and self.final_backbone not in backbone_names():
+            raise ValueError(f"final_backbone: None or one of {backbone_names()}, got "
                              f"{self.final_backbone!r}")
         for name in ("steps", "batch_size", "crop", "checkpoint_every", "log_every",
                      "val_every", "val_crop", "keep_checkpoints", "prefetch"):

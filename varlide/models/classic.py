@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import torch
 
+from varlide.models.backbones import build_backbone
 from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult
-from varlide.models.denoise import build_backbone
 from varlide.priors.analytic import MODEL as ANALYTIC_MODEL
 from varlide.priors.analytic import exposure_from_visibility
 

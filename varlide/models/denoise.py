@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varlide.models.backbones import BACKBONES
 from varlide.models.tiling import bands
 
-BACKBONES = ("identity", "denoise")
 GAIN_WINDOW = 2.0
 EPS = 1e-3
 
@@ -134,26 +134,6 @@ class NoiseAdaptiveDenoiser(nn.Module):
         return out.to(dtype)
 
 
-class IdentityBackbone(nn.Module):
-    """The empty slot: returns the curve output unchanged."""
-
-    halo = 0
-
-    def tag(self) -> str:
-        return ""
-
-    def prepare(self, source: torch.Tensor, rows: int | None = None) -> None:
-        return None
-
-    def forward(self, image: torch.Tensor, source: torch.Tensor,
-                sigma_in: torch.Tensor | None = None) -> torch.Tensor:
-        return image
-
-
-def build_backbone(name: str, window: float = 1.5, strength: float = 1.0) -> nn.Module:
-    """The module for a backbone-slot name (one of :data:`BACKBONES`)."""
-    if name not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
-    if name == "denoise":
-        return NoiseAdaptiveDenoiser(window, strength)
-    return IdentityBackbone()
+@BACKBONES.register("denoise")
+def _denoise(window: float = 1.5, strength: float = 1.0, **_: object) -> NoiseAdaptiveDenoiser:
+    return NoiseAdaptiveDenoiser(window, strength)

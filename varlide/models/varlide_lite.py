@@ -49,9 +49,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from varlide.models.backbones import build_backbone
 from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult
 from varlide.models.curve_net import curve_in_bands, images_per_call
-from varlide.models.denoise import build_backbone
 from varlide.models.tiling import band_rows
 from varlide.models.vgpm import LOW_BAND, VGPM
 from varlide.models.vicm import VICM
