@@ -488,3 +488,26 @@ def test_fold_collisions():
     big = [f"frame-{i:06d}.jpg" for i in range(10_000)]
     assert fold_collisions(big) == []
 
+
+
+def test_a_run_finished_before_markers_recorded_sizes_resumes_with_nothing_to_do(tmp_path):
+    """An output folder made before this version (markers without ``parquet_bytes``, a
+    manifest without ``mlflow_tracking_uri``) resumes: same run id, nothing recomputed."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _corpus(inp, 4)
+    plan = _finish(inp, out, _cfg())
+    run = out / "runs" / plan.run_id
+    for marker in (run / "done").glob("shard-*.json"):
+        data = json.loads(marker.read_text())
+        data.pop("parquet_bytes")
+        marker.write_text(json.dumps(data))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.pop("mlflow_tracking_uri")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    parquet = sorted((out / "scores").rglob("*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in parquet]
+    again = prepare_run(str(inp), str(out), _cfg())
+    assert again.run_id == plan.run_id and again.resumed
+    assert again.done == {0, 1} and again.pending == []
+    assert [p.stat().st_mtime_ns for p in parquet] == stamps
+    assert run_status(plan.output_uri, plan.run_id).complete
