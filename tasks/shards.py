@@ -6,7 +6,6 @@ No result caching: the run store's markers are the one source of truth for "done
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 
 from prefect import task
@@ -16,7 +15,6 @@ from prefect.runtime import task_run
 from varlide import progress
 from varlide.engine import ShardJob, ShardResult, process_shard
 from varlide.storage.runstore import RunStore
-from varlide.storage.uri import filesystem
 
 
 def _dask_worker_threads() -> int | None:
@@ -48,14 +46,8 @@ def _finished_before(job: ShardJob) -> ShardResult | None:
     Dask recomputes a task whose result was held by a worker that died before the flow read
     it; the marker (written last) says the shard is already done, so it is not redone.
     """
-    fs, path = filesystem(RunStore(job.output_uri, job.run_id).marker_uri(job.shard.index))
-    try:
-        m = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-    return ShardResult(shard=m["shard"], rows=m["rows"], errors=m["errors"],
-                       parquet_uri=m["parquet"], seconds=m["seconds"], worker=m["worker"],
-                       device=m["device"], stage_ms=m.get("stage_ms") or {})
+    marker = RunStore(job.output_uri, job.run_id).read_marker(job.shard.index)
+    return None if marker is None else ShardResult.from_marker(marker)
 
 
 @task(name="process-shard", cache_policy=NO_CACHE, persist_result=False,

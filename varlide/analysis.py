@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from varlide.storage.uri import filesystem, join
+from varlide.storage.uri import filesystem, is_local_fs, join
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,6 @@ class AnalysisError(ValueError):
     """A user-facing problem with a query or a report (the message says what to do)."""
 
 
-def _local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols
-
-
 def _canonical(uri: str) -> str:
     if "://" in uri:
         return uri.rstrip("/")
@@ -68,7 +63,7 @@ def _canonical(uri: str) -> str:
 
 def _full_uri(fs, path: str) -> str:
     """A path from ``fs`` back to a URI DuckDB and fsspec both read (plain path locally)."""
-    if _local(fs):
+    if is_local_fs(fs):
         return path
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     return f"{proto}://{path}"
@@ -114,7 +109,7 @@ def connect(output_uri: str, run_id: str | None = None, con=None):
     if con is None:
         con = duckdb.connect(config={"autoinstall_known_extensions": False})
     fs, _ = filesystem(_canonical(output_uri))
-    if not _local(fs):
+    if not is_local_fs(fs):
         con.register_filesystem(fs)
     try:
         con.read_parquet(files, union_by_name=True).create_view(VIEW, replace=True)
@@ -170,7 +165,7 @@ def export(rel, uri: str, fmt: str) -> int:
         raise AnalysisError("the SQL returned no result to export (use a SELECT)")
     uri = _canonical(uri)
     fs, path = filesystem(uri)
-    if _local(fs):
+    if is_local_fs(fs):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     rows = 0
     try:
@@ -911,7 +906,7 @@ def build_report(output_uri: str, run_id: str | None = None, out: str | None = N
                  mlflow: bool = True) -> ReportResult:
     """Write a run's report (``runs/<run_id>/report.html`` or ``out``) and log it to MLflow."""
     from varlide.run import summarize_scores
-    from varlide.storage.runstore import _write_bytes
+    from varlide.storage.uri import write_bytes
 
     output_uri = _canonical(output_uri)
     run_id = resolve_run(output_uri, run_id)
@@ -920,7 +915,7 @@ def build_report(output_uri: str, run_id: str | None = None, out: str | None = N
     figs, notes, crit = make_figures(data, thumbs=thumbs, seed=seed, rank_by=rank_by)
     page = render_html(data, figs, notes, counts, crit)
     target = _canonical(out) if out else join(output_uri, "runs", run_id, "report.html")
-    _write_bytes(target, page.encode("utf-8"))
+    write_bytes(target, page.encode("utf-8"))
     mlflow_run, note = (log_to_mlflow(data, figs, page) if mlflow
                         else (None, "MLflow logging off (--no-mlflow)"))
     return ReportResult(target, run_id, counts, [f.id for f in figs], notes, mlflow_run, note)

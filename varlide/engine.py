@@ -107,6 +107,14 @@ class ShardResult:
     store_retries: int = 0
     tries: int = 1
 
+    @classmethod
+    def from_marker(cls, m: dict[str, Any]) -> ShardResult:
+        """The result a done marker records (``as_marker`` read back)."""
+        return cls(shard=m["shard"], rows=m["rows"], errors=m["errors"],
+                   parquet_uri=m["parquet"], seconds=m["seconds"], worker=m["worker"],
+                   device=m["device"], stage_ms=m.get("stage_ms") or {},
+                   attempt=int(m.get("attempt") or 0), parquet_bytes=m.get("parquet_bytes"))
+
     def as_marker(self) -> dict[str, Any]:
         return {
             "shard": self.shard, "rows": self.rows, "errors": self.errors,

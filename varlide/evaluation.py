@@ -995,7 +995,8 @@ DIGITS = {"psnr": 2, "ssim": 4, "brightness": 3, "overexposed": 4, "piqe": 2, "e
           "sharpness": 1, "in_band": 2}
 
 
-def _info(name: str) -> MetricInfo | None:
+def measure_info(name: str) -> MetricInfo | None:
+    """A measure's metadata (direction, range), ``in_band`` included; None if unknown."""
     if name == "in_band":
         return MetricInfo("in_band", False, (0.0, 1.0),
                           description=f"fraction of outputs with mean luma in {TARGET_BAND}")
@@ -1008,7 +1009,7 @@ def _info(name: str) -> MetricInfo | None:
 def _header(name: str) -> str:
     if name == "in_band":
         return f"in [{TARGET_BAND[0]:.2f}, {TARGET_BAND[1]:.2f}] ↑"
-    info = _info(name)
+    info = measure_info(name)
     arrow = "" if info is None or info.lower_better is None else (
         " ↓" if info.lower_better else " ↑")
     return f"{name}{arrow}"
@@ -1037,7 +1038,7 @@ def format_table(df: pd.DataFrame, std: bool = True, bold_best: bool = True) -> 
             for key, g in sub[sub["enhancer"] != INPUT].groupby(["set", "band"], sort=False):
                 best[key] = {}
                 for m in measures:
-                    info = _info(m)
+                    info = measure_info(m)
                     col = g[f"{m}_mean"].dropna()
                     if info is None or info.lower_better is None or len(g) < 2 or col.empty:
                         continue

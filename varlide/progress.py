@@ -36,11 +36,6 @@ class Progress:
                 self._bar.set_postfix(errors=self.errors, refresh=False)
                 self._bar.update(images)
 
-    @property
-    def images_per_s(self) -> float:
-        elapsed = time.perf_counter() - self.started
-        return self.processed / elapsed if elapsed > 0 else 0.0
-
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

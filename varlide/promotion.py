@@ -81,9 +81,9 @@ def lower_better(measure: str) -> bool:
     name = measure.rsplit("/", 1)[-1]
     if name in LOWER_BETTER:
         return LOWER_BETTER[name]
-    from varlide.evaluation import _info
+    from varlide.evaluation import measure_info
 
-    info = _info(name)
+    info = measure_info(name)
     if info is None or info.lower_better is None:
         raise ValueError(f"gate: measure {name!r} has no direction (better up or down?)")
     return bool(info.lower_better)

@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from varlide import holdout
+from varlide.models.base import autocast_for
 
 log = logging.getLogger(__name__)
 
@@ -406,12 +407,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -527,7 +522,7 @@ def validate(model, loss_fn, val: dict[str, Any], device: torch.device, amp: boo
             for i in range(0, x.shape[0], chunk):
                 xi = x[i:i + chunk].to(device)
                 vi, bi = v[i:i + chunk].to(device), b[i:i + chunk].to(device)
-                with _autocast(device, amp):
+                with autocast_for(device, "auto" if amp else "fp32"):
                     o = model(xi, vi, bi, mask="hard")
                 total, t = loss_fn(o, xi, vi, bi)
                 totals.append(float(total) * xi.shape[0])
@@ -658,7 +653,7 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr
             temp = temperature_at(cfg, step)
-            with _autocast(device, cfg.amp):
+            with autocast_for(device, "auto" if cfg.amp else "fp32"):
                 out = model(x, v, b, mask=cfg.mask, temperature=temp)
             loss, terms = loss_fn(out, x, v, b)
             if not torch.isfinite(loss):

@@ -11,8 +11,8 @@ stays cheap; pyiqa itself is imported when a metric is built. pyiqa's ranges are
 Defaults (pyiqa 0.1.16), as documented:
 - ``piqe`` is ours (``varlide.iqa.piqe``: pyiqa's definition in bands, equal to it to
   1e-6); pyiqa's own stays reachable as ``PyiqaMetric('piqe')``, the tests' reference.
-  Its cost on CPU (2-core dev box, torch 2.14, ``_bench`` below): 110-210 ms per 1280x720
-  image when the box is quiet, ~140 bytes per pixel.
+  Its cost on CPU (2-core dev box, torch 2.14): 110-210 ms per 1280x720 image when the box
+  is quiet, ~140 bytes per pixel.
 - ``psnr``: ``test_y_channel=False``, i.e. over all three RGB channels, data range 1.
   pyiqa adds eps = 1e-8 to the MSE, so identical images give exactly 80 dB (finite), and
   [0, 80] is the exact range for inputs in [0, 1] (pyiqa's table says '~0, ~40', typical).
@@ -184,22 +184,3 @@ for _name in ("psnr", "ssim"):
     METRICS.register(_name)(_PyiqaFactory(_name))
 
 
-def _bench(sizes=((240, 320), (720, 1280)), repeats: int = 3, device: str = "cpu") -> dict:
-    """Seconds per image of ``piqe`` at each (H, W) (median of ``repeats``)."""
-    import statistics
-    import time
-
-    m = PyiqaMetric("piqe", device=device)
-    out = {}
-    for h, w in sizes:
-        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-        m(x)
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            m(x)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t)
-        out[f"{w}x{h}"] = statistics.median(ts)
-    return out

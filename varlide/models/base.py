@@ -51,6 +51,14 @@ class Enhancer(nn.Module):
 ENHANCERS: Registry[Enhancer] = Registry("enhancer")
 
 
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """The one autocast decision: bf16 when asked (``bf16``) or on CUDA (``auto``), else
+    float32 (``fp32``, or ``auto`` on CPU)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
 def create_enhancer(
     name: str, weights: str | None = None, device: str | torch.device = "cpu", **kwargs
 ) -> Enhancer:

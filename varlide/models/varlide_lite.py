@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 import torch
 
 from varlide.models.backbones import build_backbone
-from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult
+from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult, autocast_for
 from varlide.models.curve_net import curve_in_bands, images_per_call
 from varlide.models.tiling import band_rows
 from varlide.models.vgpm import LOW_BAND, VGPM
@@ -265,12 +265,6 @@ class VarlideLiteConfig:
     denoise_strength: float = 1.0  # denoise: factor on the estimated noise
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
 class VarlideLite(Pretrained, Enhancer):
     """VICM + VGPM with routing. Training calls ``forward``; the engine calls ``enhance``."""
 
@@ -471,7 +465,7 @@ class VarlideLite(Pretrained, Enhancer):
             vs = v if idx is None else v.index_select(0, idx)
             if cl:
                 xs = xs.contiguous(memory_format=torch.channels_last)
-            with _autocast(dev, self.precision):
+            with autocast_for(dev, self.precision):
                 if key == "curve":
                     y, it = self._fn(key)(xs, vs)
                 else:

@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 
-from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult
+from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult, autocast_for
 from varlide.models.curve_net import CurveNet, apply_curves
 from varlide.models.varlide_lite import (
     WEIGHTS_FILE,
     Pretrained,
-    _autocast,
     default_weights_dir,
     missing_default_weights,
 )
@@ -80,7 +79,7 @@ class ZeroDCE(Pretrained, Enhancer):
         cl = self.channels_last if self.channels_last is not None else dev.type == "cuda"
         x = images.float()
         xs = x.contiguous(memory_format=torch.channels_last) if cl else x
-        with _autocast(dev, self.precision):
+        with autocast_for(dev, self.precision):
             maps = self.curve(xs, downscale=self.downscale)
         out = apply_curves(x, maps).clamp(0, 1).contiguous()
         n = images.shape[0]

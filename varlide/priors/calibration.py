@@ -165,14 +165,9 @@ class Calibration:
         )
 
     def save(self, uri: str | Path) -> str:
-        from varlide.storage.uri import filesystem
+        from varlide.storage.uri import write_bytes
 
-        fs, path = filesystem(str(uri))
-        parent = path.rsplit("/", 1)[0]
-        if parent and "file" in (fs.protocol if isinstance(fs.protocol, tuple)
-                                 else (fs.protocol,)):
-            fs.makedirs(parent, exist_ok=True)
-        fs.pipe_file(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
+        write_bytes(str(uri), (json.dumps(self.to_json(), indent=1) + "\n").encode())
         return str(uri)
 
     @classmethod

@@ -173,11 +173,6 @@ def load_clip(spec: ClipSpec | str | None, device: str | torch.device = "cpu"
         return _MODELS[key]
 
 
-def clear_model_cache() -> None:
-    with _MODELS_LOCK:
-        _MODELS.clear()
-
-
 # --------------------------------------------------------------------------- the prior
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from varlide.storage.uri import filesystem
+from varlide.storage.uri import filesystem, is_local_fs
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm"}
@@ -120,7 +120,7 @@ def list_corpus(
             f"input {uri} is a single file; it must be a folder (or an object-store prefix)"
         )
     refused: list[SkippedEntry] = []
-    if _is_local(fs):
+    if is_local_fs(fs):
         wanted = _wanted(include, exclude)
         out = [CorpusFile(rel, size) for rel, size in _walk_local(root, wanted, refused)]
     else:
@@ -150,11 +150,6 @@ def _warn_skipped(uri: str, refused: Sequence[SkippedEntry], shown: int = 10) ->
     if len(refused) > shown:
         log.warning("skipped %d more entries in %s (not read, no row)", len(refused) - shown,
                     uri)
-
-
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
 
 
 def _inside(path: str, real_root: str) -> bool:

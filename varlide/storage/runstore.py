@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from varlide.storage.uri import filesystem, join, safe_relpath, write_bytes
+from varlide.storage.uri import filesystem, is_local_fs, join, safe_relpath, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,6 @@ def _fs(uri: str):
     return fs, path
 
 
-def _is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols
-
-
-def _write_bytes(uri: str, data: bytes) -> None:
-    write_bytes(uri, data)
-
-
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, allow_nan=False).encode()
 
@@ -113,7 +104,7 @@ def _manifest_bytes(manifest: dict) -> bytes:
 
 
 def _write_json(uri: str, obj: Any) -> None:
-    _write_bytes(uri, _dumps(obj))
+    write_bytes(uri, _dumps(obj))
 
 
 def _read_json(uri: str) -> Any:
@@ -219,7 +210,7 @@ class RunStore:
         return fs.exists(path)
 
     def write_manifest(self, manifest: dict) -> None:
-        _write_bytes(self.manifest_uri, _manifest_bytes(manifest))
+        write_bytes(self.manifest_uri, _manifest_bytes(manifest))
 
     def read_manifest(self) -> dict:
         try:
@@ -253,6 +244,14 @@ class RunStore:
 
     def read_markers(self) -> dict[int, dict]:
         return _read_shard_files(self.done_uri)
+
+    def read_marker(self, shard: int) -> dict | None:
+        """One shard's done marker, or None when it has none."""
+        fs, path = _fs(self.marker_uri(shard))
+        try:
+            return json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            return None
 
     def read_failures(self) -> dict[int, dict]:
         return _read_shard_files(self.failed_dir_uri)
@@ -310,7 +309,7 @@ class RunStore:
         fs, path = _fs(target)
         if not fs.exists(path):
             src_fs, src = _fs(self.scores_uri(dataset, shard))
-            _write_bytes(target, src_fs.cat_file(src))
+            write_bytes(target, src_fs.cat_file(src))
         return target
 
     def remove_temp_files(self, dataset: str) -> list[str]:
@@ -321,7 +320,7 @@ class RunStore:
         removed: list[str] = []
         for uri in (self.run_uri, self.scores_dir_uri(dataset)):
             fs, root = _fs(uri)
-            if not _is_local(fs) or not os.path.isdir(root):
+            if not is_local_fs(fs) or not os.path.isdir(root):
                 continue
             for folder, _dirs, names in os.walk(root):
                 for name in names:
@@ -400,7 +399,7 @@ class RunStore:
         if self._token is not None:
             raise RuntimeError(f"{self!r} already holds its lock {self.lock_uri}")
         fs, path = filesystem(self.lock_uri)
-        local = _is_local(fs)
+        local = is_local_fs(fs)
         for _attempt in range(3):
             record = self._new_lock_record(owner)
             data = _dumps(record)
@@ -607,7 +606,7 @@ class RunStore:
         if victims:
             fs.rm(victims)
         fs.invalidate_cache(run_path)
-        if _is_local(fs):  # drop the now empty folders (object stores have none)
+        if is_local_fs(fs):  # drop the now empty folders (object stores have none)
             for root, dirs, _files in os.walk(run_path, topdown=False):
                 for d in dirs:
                     with contextlib.suppress(OSError):

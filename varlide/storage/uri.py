@@ -85,11 +85,6 @@ def reveal_credentials(uri: str) -> str:
     return f"{match['scheme']}{user}@{uri[match.start('host'):]}"
 
 
-def is_local(uri: str) -> bool:
-    fs, _ = filesystem(uri)
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -164,5 +159,6 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is this machine's disk (the one place that decides it)."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols
+    return "file" in protocols or "local" in protocols

@@ -75,10 +75,10 @@ def _open_source(uri: str):
         yield fh
 
 def _put(local: Path, uri: str) -> None:
-    from varlide.storage.uri import filesystem
+    from varlide.storage.uri import filesystem, is_local_fs
 
     fs, path = filesystem(uri)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local_fs(fs):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.put_file(str(local), path)
 
