@@ -67,3 +67,56 @@ def test_shipped_weights_are_part_of_a_default_run_id(monkeypatch):
     assert Config().run_id_for("/d") != before
     assert Config(enhancer_weights="/w").run_id_for("/d") == pinned
     assert Config(enhance=False).run_id_for("/d") == no_enhance
+
+
+# ---- one loader for every settings section (train, gate, evaluation, eval)
+
+
+def test_every_section_loads_through_the_one_loader(tmp_path):
+    from varlide.config import load_settings
+    from varlide.evaluation import EvalRunConfig
+    from varlide.promotion import EvalConfig, GateConfig
+    from varlide.training import TrainConfig
+
+    doc = tmp_path / "retrain.yaml"
+    doc.write_text("train:\n  steps: 40\n  crop: 48\ngate:\n  margin: 0.25\n"
+                   "evaluation:\n  max_side: 96\n")
+    env = {"VARLIDE_TRAIN_CROP": "64", "VARLIDE_GATE_MARGIN": "0.5"}
+    train = load_settings(TrainConfig, doc, {"steps": 7}, section="train", environ=env)
+    assert (train.steps, train.crop) == (7, 64)  # file < env < flags, strings coerced
+    gate = load_settings(GateConfig, doc, {"margin": None}, section="gate", environ=env)
+    assert gate.margin == 0.5  # a flag left unset (None) does not override
+    assert load_settings(EvalConfig, doc, section="evaluation", environ={}).max_side == 96
+    run = load_settings(EvalRunConfig, {"seeds": "3", "enhancers": ["classic-curve"]},
+                        {"batch_size": 2}, env_prefix="VARLIDE_EVAL_",
+                        environ={"VARLIDE_EVAL_MAX_SIDE": "128"})
+    assert (run.seeds, run.enhancers, run.batch_size, run.max_side) == (
+        3, ("classic-curve",), 2, 128)
+
+
+@pytest.mark.parametrize("section, data, message", [
+    ("train", {"train": {"steps": 0}}, "steps: expected >= 1"),
+    ("train", {"train": {"stpes": 5}}, "train.stpes: not a field"),
+    ("gate", {"gate": {"margin": "lots"}}, "gate.margin"),
+])
+def test_a_bad_section_value_names_the_field(section, data, message):
+    from varlide.config import ConfigError, load_settings
+    from varlide.promotion import GateConfig
+    from varlide.training import TrainConfig
+
+    cls = {"train": TrainConfig, "gate": GateConfig}[section]
+    with pytest.raises(ConfigError, match=message):
+        load_settings(cls, data, section=section, environ={})
+
+
+def test_varlide_eval_and_train_read_their_config_file(tmp_path, capsys):
+    from varlide.cli import main
+
+    bad = tmp_path / "eval.yaml"
+    bad.write_text("batch_size: 0\n")
+    assert main(["eval", "synthetic", "--config", str(bad)]) == 2
+    assert "batch_size: expected >= 1" in capsys.readouterr().err
+    bad_train = tmp_path / "train.yaml"
+    bad_train.write_text("crop: -3\n")
+    assert main(["train", str(tmp_path), str(tmp_path / "o"), "--config", str(bad_train)]) == 2
+    assert "crop" in capsys.readouterr().err

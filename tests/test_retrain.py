@@ -177,10 +177,12 @@ def test_registry_pyfunc_and_models_uri(registry_env, tmp_path, capsys):
     x = np.random.default_rng(0).random((2, 24, 32, 3)).astype(np.float32)
     y = model.predict(x)
     assert y.shape == x.shape and np.isfinite(y).all()
-    enh = create_enhancer("varlide-lite", weights=uri)  # from_pretrained via the registry
+    from varlide.resolver import local_weights  # models:/ is resolved above the models
+
+    enh = create_enhancer("varlide-lite", weights=local_weights(uri))  # via the registry
     assert enh.version == json.loads((tmp_path / "w" / "config.json").read_text())[
         "sha256"][:12]
-    files = model_files.enhancer_files("varlide-lite", uri)  # resolved up front, into the cache
+    files = model_files.enhancer_files("varlide-lite", local_weights(uri))  # into the cache
     assert files and all(f.path().is_file() for f in files)
     assert str(tmp_path / "cache") in str(files[0].path())
     with pytest.raises(FileNotFoundError, match="not in the MLflow registry"):

@@ -576,22 +576,14 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import yaml
-
+    from varlide.config import load_settings, read_yaml
     from varlide.training import TrainConfig
 
-    fields: dict[str, Any] = {}
-    if args.config:
-        fields.update(yaml.safe_load(open(args.config)) or {})
-    for name in ("enhancer", "steps", "batch_size", "crop", "device"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    if fields.get("enhancer") == "zero-dce":
-        fields.setdefault("loss", "zero-dce")
-    try:
-        cfg = TrainConfig(**fields)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid training configuration: {exc}") from None
+    doc = read_yaml(args.config) if args.config else {}
+    flags = {n: getattr(args, n) for n in ("enhancer", "steps", "batch_size", "crop", "device")}
+    if (flags["enhancer"] or doc.get("enhancer")) == "zero-dce" and "loss" not in doc:
+        flags["loss"] = "zero-dce"  # its own loss unless the file names one
+    cfg = load_settings(TrainConfig, doc, flags, env_prefix="VARLIDE_TRAIN_")
     _start_prefect_server()
     from flows import prefect_api
     from flows.train import train_flow
@@ -635,22 +627,39 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
                    "with a reference; brightness,overexposed,piqe,entropy,sharpness without)")
     p.add_argument("--max-images", type=int, metavar="N",
                    help="at most N images (a deterministic subset)")
-    p.add_argument("--seeds", type=int, default=1, metavar="N",
+    p.add_argument("--config", help="YAML of eval settings (varlide.evaluation.EvalRunConfig: "
+                   "reference, enhancers, metrics, max_images, seeds, max_side, device, "
+                   "batch_size, iqa_max_side, out, experiment); flags override it")
+    p.add_argument("--seeds", type=int, metavar="N",
                    help="synthetic: seeds 0..N-1, 10 images each (default 1)")
-    p.add_argument("--max-side", type=int, default=EVAL_MAX_SIDE, metavar="N",
+    p.add_argument("--max-side", type=int, metavar="N",
                    help=f"area-downscale folder images to this long side, 0 = as stored "
                    f"(default {EVAL_MAX_SIDE}); synthetic crops are min(N, 256) px")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default auto")
+    p.add_argument("--batch-size", type=int, help="images per batch (default 8)")
     p.add_argument("--iqa-max-side", type=int, help="long side cap for pyiqa measures")
     p.add_argument("--out", metavar="URI", help="where the files go (any fsspec URI; default "
                    "./eval-<UTC time>-<hex> in the working directory)")
-    p.add_argument("--experiment", default="varlide-eval", help="MLflow experiment")
+    p.add_argument("--experiment", help="MLflow experiment (default varlide-eval)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)
 
 
-def _eval_preflight(args: argparse.Namespace) -> dict[str, Any]:
+def _eval_settings(args: argparse.Namespace):
+    """``--config`` < ``VARLIDE_EVAL_*`` < flags, through the one settings loader."""
+    from varlide.config import load_settings
+    from varlide.evaluation import EvalRunConfig
+
+    flags = {k: getattr(args, k) for k in ("reference", "max_images", "seeds", "max_side",
+                                           "device", "batch_size", "iqa_max_side", "out",
+                                           "experiment")}
+    flags["enhancers"] = tuple(args.enhancer) if args.enhancer else None
+    flags["metrics"] = (tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+                        if args.metrics else None)
+    return load_settings(EvalRunConfig, args.config, flags, env_prefix="VARLIDE_EVAL_")
+
+
+def _eval_preflight(args: argparse.Namespace, ecfg) -> dict[str, Any]:
     """Everything checkable before the flow starts (exit 2 with a message, not a failed
     run): the sets, the enhancers and their weights, the measures, the device."""
     from varlide import evaluation, weights
@@ -658,19 +667,16 @@ def _eval_preflight(args: argparse.Namespace) -> dict[str, Any]:
     from varlide.iqa.base import metric_weights
     from varlide.run import canonical_uri
 
-    for flag in ("batch_size", "iqa_max_side"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')}: expected >= 1, got {value}")
-    specs = args.enhancer or list(EVAL_ENHANCERS)
+    specs = list(ecfg.enhancers)
     input_uri = args.input if args.input == evaluation.SYNTHETIC else canonical_uri(args.input)
-    reference = canonical_uri(args.reference) if args.reference else None
+    reference = canonical_uri(ecfg.reference) if ecfg.reference else None
+    metrics = ",".join(ecfg.metrics) if ecfg.metrics else None
     try:
         enhancers = evaluation.parse_enhancers(specs)
-        plan = evaluation.plan_sets(input_uri, reference, max_images=args.max_images,
-                                    max_side=args.max_side, seeds=args.seeds)
-        paired, unpaired = evaluation.plan_metrics(args.metrics, plan)
-        resolve_device(args.device)
+        plan = evaluation.plan_sets(input_uri, reference, max_images=ecfg.max_images,
+                                    max_side=ecfg.max_side, seeds=ecfg.seeds)
+        paired, unpaired = evaluation.plan_metrics(metrics, plan)
+        resolve_device(ecfg.device)
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(str(exc)) from None
     for name in dict.fromkeys([*paired, *unpaired]):
@@ -683,22 +689,23 @@ def _eval_preflight(args: argparse.Namespace) -> dict[str, Any]:
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"enhancer {label}: {exc}") from None
     return {"input_uri": input_uri, "reference_uri": reference, "enhancers": specs,
-            "metrics": list(dict.fromkeys([*paired, *unpaired])) if args.metrics else None,
+            "metrics": list(dict.fromkeys([*paired, *unpaired])) if metrics else None,
             "plan": plan}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    ecfg = _eval_settings(args)  # a bad value: exit 2 before anything starts
     _start_prefect_server()
-    pre = _eval_preflight(args)
+    pre = _eval_preflight(args, ecfg)
     from flows import prefect_api
     from flows.evaluate import eval_flow
 
     with prefect_api():
         result = eval_flow(pre["input_uri"], pre["reference_uri"], enhancers=pre["enhancers"],
-                           out=args.out, metrics=pre["metrics"], max_images=args.max_images,
-                           max_side=args.max_side, seeds=args.seeds, device=args.device,
-                           experiment=args.experiment, batch_size=args.batch_size,
-                           iqa_max_side=args.iqa_max_side)
+                           out=ecfg.out, metrics=pre["metrics"], max_images=ecfg.max_images,
+                           max_side=ecfg.max_side, seeds=ecfg.seeds, device=ecfg.device,
+                           experiment=ecfg.experiment, batch_size=ecfg.batch_size,
+                           iqa_max_side=ecfg.iqa_max_side)
     if args.json:
         print(json.dumps(result, indent=2, default=str, ensure_ascii=False))
         return EXIT_OK
@@ -806,32 +813,26 @@ def _retrain_args(p: argparse.ArgumentParser) -> None:
 
 def _retrain_params(args: argparse.Namespace) -> dict[str, Any]:
     """The retrain flow's parameters, validated here (an error names the field)."""
-    import yaml
-
+    from varlide.config import load_settings, read_yaml
     from varlide.promotion import EvalConfig, GateConfig
     from varlide.run import canonical_uri
     from varlide.training import TrainConfig
 
-    doc: dict[str, Any] = {}
-    if args.config:
-        with open(args.config) as f:
-            doc = yaml.safe_load(f) or {}
+    doc = read_yaml(args.config) if args.config else {}
     unknown = set(doc) - {"train", "gate", "evaluation"}
     if unknown:
         raise ConfigError(f"{args.config}: unknown section(s) {sorted(unknown)} "
                           "(expected train, gate, evaluation)")
-    train, gate = dict(doc.get("train") or {}), dict(doc.get("gate") or {})
-    evaluation = dict(doc.get("evaluation") or {})
-    if args.steps is not None:
-        train["steps"] = args.steps
-    if args.margin is not None:
-        gate["margin"] = args.margin
-    for section, cls, fields in (("train", TrainConfig, train), ("gate", GateConfig, gate),
-                                 ("evaluation", EvalConfig, evaluation)):
-        try:
-            cls(**fields)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid retrain {section} configuration: {exc}") from None
+    sections = {"train": (TrainConfig, {"steps": args.steps}),
+                "gate": (GateConfig, {"margin": args.margin}), "evaluation": (EvalConfig, {})}
+    fields: dict[str, dict[str, Any]] = {}
+    for section, (cls, flags) in sections.items():
+        loaded = load_settings(cls, doc, flags, section=section)  # errors name the field
+        env = {k.removeprefix(f"VARLIDE_{section.upper()}_").lower() for k in os.environ
+               if k.startswith(f"VARLIDE_{section.upper()}_")}
+        given = {*(doc.get(section) or {}), *env, *(k for k, v in flags.items() if v is not None)}
+        fields[section] = {k: getattr(loaded, k) for k in sorted(given)}  # what was set
+    train, gate, evaluation = fields["train"], fields["gate"], fields["evaluation"]
     if args.newest < 1:
         raise ConfigError(f"--newest: expected >= 1, got {args.newest}")
     return {"output_uri": canonical_uri(args.output), "dataset": args.dataset,

@@ -11,16 +11,24 @@ re-running the same command resumes the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from varlide.prompts import DEFAULT_CLIP_BLUR_PROMPTS, DEFAULT_CLIP_VISIBILITY_PROMPTS
 
@@ -221,35 +229,64 @@ def shipped_weights_id(enhancer: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in Config.model_fields:
-        key = f"VARLIDE_{name.upper()}"
-        if key in environ:
-            out[name] = environ[key]
-    return out
-
-
 def load_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
 ) -> Config:
     """Defaults < YAML file < VARLIDE_* environment < ``overrides`` (CLI flags; None = unset)."""
+    return load_settings(Config, path, overrides, environ=environ)
+
+
+S = TypeVar("S")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A settings file: a mapping at the top level (ConfigError otherwise)."""
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+    return loaded
+
+
+def load_settings(cls: type[S], source: str | Path | dict[str, Any] | None = None,
+                  overrides: dict[str, Any] | None = None, *, section: str | None = None,
+                  env_prefix: str | None = None, environ: dict[str, str] | None = None) -> S:
+    """The one loader of every settings object: the run's ``Config`` and the typed sections
+    (``TrainConfig``, ``GateConfig``, ``EvalConfig``, ``EvalRunConfig``).
+
+    Defaults < ``source`` (a YAML path, or its already-read mapping; with ``section``, that
+    key of it) < environment (``VARLIDE_<FIELD>``, or ``VARLIDE_<SECTION>_<FIELD>``, or
+    ``env_prefix`` + ``<FIELD>``) <
+    ``overrides`` (CLI flags; None = unset). Values are coerced to the field types; an
+    unknown field or a bad value is a ``ConfigError`` naming it."""
     data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
-        data.update(loaded)
-    data.update(_env_overrides(dict(os.environ if environ is None else environ)))
+    doc = read_yaml(source) if isinstance(source, str | Path) else dict(source or {})
+    if section is not None:
+        doc = doc.get(section) or {}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{section}: expected a mapping of field: value")
+    data.update(doc)
+    names = _field_names(cls)
+    prefix = env_prefix or (f"VARLIDE_{section.upper()}_" if section else "VARLIDE_")
+    env = dict(os.environ if environ is None else environ)
+    data.update({n: env[prefix + n.upper()] for n in names if prefix + n.upper() in env})
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    where = f"{section}." if section else ""
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"invalid configuration: {where}{unknown[0]}: not a field "
+                          f"(known: {', '.join(sorted(names))})")
     try:
-        return Config(**data)
+        return TypeAdapter(cls).validate_python(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-            for err in exc.errors()
-        )
+            f"{where}{'.'.join(str(p) for p in err['loc']) or (section or 'config')}: "
+            f"{err['msg'].removeprefix('Value error, ')}" for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def _field_names(cls: type) -> list[str]:
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+    return list(cls.model_fields)

@@ -535,6 +535,38 @@ SYNTHETIC_SIDE = 256
 DEFAULT_ENHANCERS: tuple[str, ...] = ("classic-curve", "zero-dce", "varlide-lite")
 
 
+@dataclass(frozen=True)
+class EvalRunConfig:
+    """``varlide eval``'s settings, read like every other section
+    (``varlide.config.load_settings``: YAML ``--config`` < ``VARLIDE_EVAL_<FIELD>`` < flags).
+
+    ``enhancers``: ``NAME`` or ``NAME=WEIGHTS`` (a folder, URI or ``models:/NAME@ALIAS``);
+    ``metrics``: measure names (None: the set kind's defaults); ``max_side``: long side
+    folder images are area-downscaled to (0 or None: as stored)."""
+
+    reference: str | None = None
+    enhancers: tuple[str, ...] = DEFAULT_ENHANCERS
+    metrics: tuple[str, ...] | None = None
+    max_images: int | None = None
+    seeds: int = 1
+    max_side: int | None = DEFAULT_MAX_SIDE
+    device: str = "auto"
+    batch_size: int = 8
+    iqa_max_side: int | None = None
+    out: str | None = None
+    experiment: str = "varlide-eval"
+
+    def __post_init__(self) -> None:
+        for name in ("max_images", "seeds", "batch_size", "iqa_max_side"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: expected >= 1, got {value}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device: one of cpu, cuda, auto, got {self.device!r}")
+        if not self.enhancers:
+            raise ValueError("enhancers: at least one")
+
+
 def plan_sets(
     input_uri: str,
     reference_uri: str | None = None,
