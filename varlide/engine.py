@@ -817,167 +817,23 @@ def _output_bytes(output: Output) -> int:
 def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
                    progress: ProgressCallback | None, files: list[PlannedFile] | None = None,
                    kept: Sequence[dict[str, Any]] = (), attempt: int = 0) -> ShardResult:
-    """Decode ahead, batch by size, compute in ``lanes``, write behind: every image is
-    admitted only while the bytes held stay inside the shard's memory budget.
+    """Decode ahead, batch by size, compute in ``lanes``, write behind (:class:`_ShardRun`),
+    then the shard's Parquet file, then its marker.
 
     ``files``: the shard's files to process (default: all); ``kept``: rows of earlier
     attempts written with the new ones (a retry of the error rows)."""
-    store = RunStore(job.output_uri, job.run_id)
-    metric_names = cfg.quality_metric_names()
     started = time.perf_counter()
-    worker, device = worker_name(), str(stages.device)
-    budget = shard_budget(cfg)
-    workspace = None if budget is None else workspace_for(budget)
-    room = (float("inf") if budget is None  # for images; the rest is stage work
-            else max(workspace, budget - lanes * workspace))
-    if stages.enhancer is not None:
-        stages.enhancer.set_workspace(workspace)
-    ledger = _Ledger()
-    rows: list[dict[str, Any]] = []
-    buckets: dict[tuple[int, int], list[Loaded]] = defaultdict(list)
-    window = max(cfg.batch_size * 2, cfg.decode_threads * 2)
-    files = list(job.shard.files if files is None else files)
-    pending: deque[Task[Loaded]] = deque()
-    write_jobs: list[Task] = []
-    computing: deque[tuple[list[Loaded], Task]] = deque()  # at most ``lanes`` batches
-    largest = 0  # bytes of the costliest image decoded so far: the guess for the next
-    device_io = device_io_enabled(stages.device)  # decode + JPEG encode in the compute lane
-
-    def finish(items: list[Loaded]) -> None:
-        errors = sum(item.row["status"] == "error" for item in items)
-        for item in items:
-            item.row.update(worker=worker, device=device)
-            rows.append(item.row)
-        if progress is not None:
-            progress(len(items), errors)
-
-    def write(item: Loaded, out: Output, held: int) -> None:
-        try:
-            _write_enhanced(store, item, out, cfg.quality)
-        finally:
-            ledger.release(held)
-
-    def collect() -> None:
-        """Wait for the oldest batch in compute; queue its writes; count it done. A batch
-        past ``batch_timeout_s`` becomes error rows; its stuck lane is left behind."""
-        batch, task = computing.popleft()
-        try:
-            outputs = task.result(cfg.batch_timeout_s, on_wait=stop_check)  # StageError fails
-        except TaskTimeout as exc:  # the shard
-            compute_pool.abandon()
-            for item in batch:
-                ledger.release(item.cost)
-            what = f"computing its batch of {len(batch)} {exc} (batch_timeout_s)"
-            log.warning("shard %05d: %s ... %s", job.shard.index, batch[0].file.rel_path, what)
-            finish([_timed_out(job, item.file, what) for item in batch])
-            return
-        finally:
-            if task.future.done():  # a stuck lane may still read its batch's pixels
-                for item in batch:
-                    item.release()  # free memory early
-        for item, out in zip(batch, outputs, strict=True):
-            kept = _output_bytes(out)
-            ledger.release(item.cost - kept)
-            if out is not None:
-                write_jobs.append(io_pool.submit(write, item, out, kept))
-        finish(batch)
-
-    def flush(key: tuple[int, int]) -> None:
-        batch = buckets.pop(key)
-        computing.append((batch, compute_pool.submit(_run_batch, batch, stages, cfg,
-                                                     workspace, device_io)))
-        while len(computing) >= lanes:
-            collect()
-
-    def take(task: Task[Loaded]) -> Loaded:
-        """The next read + decode; an error row once it runs past ``image_timeout_s``."""
-        try:
-            return task.result(cfg.image_timeout_s, on_wait=stop_check)
-        except TaskTimeout as exc:
-            io_pool.abandon()
-            file = task.args[2]
-            what = f"reading and decoding {exc} (image_timeout_s)"
-            log.warning("shard %05d: %s %s", job.shard.index, file.rel_path, what)
-            return _timed_out(job, file, what)
-
-    def make_room() -> None:
-        """Free bytes: compute what waits in buckets, else finish a batch, else a write."""
-        if buckets:
-            flush(max(buckets, key=lambda k: sum(i.cost for i in buckets[k])))
-        elif computing:
-            collect()
-        else:
-            ledger.wait_release()
-
-    def top_up() -> None:
-        """Start reading + decoding more files while their guessed bytes fit the budget."""
-        nonlocal next_index
-        while next_index < len(files) and len(pending) < window:
-            if pending and (not largest or ledger.held + (len(pending) + 1) * largest > room):
-                return  # the first image's size is unknown until it is decoded
-            pending.append(io_pool.submit(_read_and_decode, job, cfg, files[next_index],
-                                          device_io))
-            next_index += 1
-
-    def admit(item: Loaded) -> None:
-        nonlocal largest
-        h, w = item.size()
-        cost = image_cost(h, w, item.waiting_bytes(), item.reference is not None,
-                          stages.peak_bytes_per_pixel(), workspace or 0)
-        largest = max(largest, cost)
-        if cost > room:
-            _too_big(item, cost, room)
-            finish([item])
-            return
-        while ledger.held + cost > room and (buckets or computing or ledger.held > 0):
-            make_room()
-        item.cost = cost
-        ledger.reserve(cost)
-        key = (h, w)
-        buckets[key].append(item)
-        bucket_bytes = sum(i.cost for i in buckets[key])
-        if len(buckets[key]) >= cfg.batch_size or bucket_bytes * (lanes + 1) >= room:
-            flush(key)
-        elif sum(len(b) for b in buckets.values()) >= window:
-            flush(max(buckets, key=lambda k: len(buckets[k])))  # bound the images waiting
-
-    def stop_check() -> None:
-        _check_stop(job)
-
-    next_index = 0
-    # a lane of its own for one-lane compute only when a batch may time out
-    compute_pool = (Pool(lanes, "compute") if lanes > 1 or cfg.batch_timeout_s
-                    else Inline())
-    io_pool = Pool(cfg.decode_threads, "decode")
-    try:
-        while pending or next_index < len(files):
-            _check_stop(job)
-            top_up()
-            if not pending:  # nothing may start: the budget is full
-                make_room()
-                continue
-            item = take(pending.popleft())
-            if not item.ready:
-                finish([item])
-            else:
-                admit(item)
-        for key in list(buckets):
-            flush(key)
-        while computing:
-            collect()
-        for task in write_jobs:
-            task.result()
-    finally:
-        io_pool.shutdown()
-        compute_pool.shutdown()
-
+    run = _ShardRun(job, cfg, stages, lanes, progress,
+                    list(job.shard.files if files is None else files))
+    rows = run.rows()
     processed_at = datetime.now(UTC)
     for row in rows:
         row["processed_at"] = processed_at
     rows = sorted([*kept, *rows], key=lambda r: r["rel_path"])
+    store = RunStore(job.output_uri, job.run_id)
     parquet_uri = store.scores_uri(job.dataset, job.shard.index)
     _check_stop(job)
-    written = write_rows(rows, metric_names, parquet_uri)
+    written = write_rows(rows, cfg.quality_metric_names(), parquet_uri)
     stage_ms = {
         k: float(sum(r.get(k) or 0.0 for r in rows))
         for k in ("decode_ms", "prior_ms", "enhance_ms", "quality_ms")
@@ -985,8 +841,169 @@ def _process_shard(job: ShardJob, cfg: Config, stages: Stages, lanes: int,
     result = ShardResult(
         shard=job.shard.index, rows=len(rows),
         errors=sum(r["status"] == "error" for r in rows), parquet_uri=parquet_uri,
-        seconds=time.perf_counter() - started, worker=worker, device=device, stage_ms=stage_ms,
-        attempt=attempt, parquet_bytes=written.nbytes,
+        seconds=time.perf_counter() - started, worker=run.worker, device=run.device,
+        stage_ms=stage_ms, attempt=attempt, parquet_bytes=written.nbytes,
     )
     store.write_marker(job.shard.index, result.as_marker())
     return result
+
+
+class _ShardRun:
+    """One shard's images through the pools: every image is admitted only while the bytes
+    held stay inside the shard's memory budget. Driven by one thread (:meth:`rows`)."""
+
+    def __init__(self, job: ShardJob, cfg: Config, stages: Stages, lanes: int,
+                 progress: ProgressCallback | None, files: list[PlannedFile]) -> None:
+        self.job, self.cfg, self.stages, self.lanes = job, cfg, stages, lanes
+        self.progress, self.files = progress, files
+        self.store = RunStore(job.output_uri, job.run_id)
+        self.worker, self.device = worker_name(), str(stages.device)
+        budget = shard_budget(cfg)
+        self.workspace = None if budget is None else workspace_for(budget)
+        self.room = (float("inf") if budget is None  # for images; the rest is stage work
+                     else max(self.workspace, budget - lanes * self.workspace))
+        if stages.enhancer is not None:
+            stages.enhancer.set_workspace(self.workspace)
+        self.ledger = _Ledger()
+        self.done: list[dict[str, Any]] = []
+        self.buckets: dict[tuple[int, int], list[Loaded]] = defaultdict(list)
+        self.window = max(cfg.batch_size * 2, cfg.decode_threads * 2)
+        self.pending: deque[Task[Loaded]] = deque()
+        self.write_jobs: list[Task] = []
+        self.computing: deque[tuple[list[Loaded], Task]] = deque()  # at most ``lanes``
+        self.largest = 0  # bytes of the costliest image decoded so far: the next one's guess
+        self.next_index = 0
+        self.device_io = device_io_enabled(stages.device)  # decode + encode in the lane
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every file's row, once all outputs are written."""
+        # a lane of its own for one-lane compute only when a batch may time out
+        self.compute_pool = (Pool(self.lanes, "compute")
+                             if self.lanes > 1 or self.cfg.batch_timeout_s else Inline())
+        self.io_pool = Pool(self.cfg.decode_threads, "decode")
+        try:
+            while self.pending or self.next_index < len(self.files):
+                _check_stop(self.job)
+                self.top_up()
+                if not self.pending:  # nothing may start: the budget is full
+                    self.make_room()
+                    continue
+                item = self.take(self.pending.popleft())
+                if not item.ready:
+                    self.finish([item])
+                else:
+                    self.admit(item)
+            for key in list(self.buckets):
+                self.flush(key)
+            while self.computing:
+                self.collect()
+            for task in self.write_jobs:
+                task.result()
+        finally:
+            self.io_pool.shutdown()
+            self.compute_pool.shutdown()
+        return self.done
+
+    def stop_check(self) -> None:
+        _check_stop(self.job)
+
+    def finish(self, items: list[Loaded]) -> None:
+        errors = sum(item.row["status"] == "error" for item in items)
+        for item in items:
+            item.row.update(worker=self.worker, device=self.device)
+            self.done.append(item.row)
+        if self.progress is not None:
+            self.progress(len(items), errors)
+
+    def write(self, item: Loaded, out: Output, held: int) -> None:
+        try:
+            _write_enhanced(self.store, item, out, self.cfg.quality)
+        finally:
+            self.ledger.release(held)
+
+    def collect(self) -> None:
+        """Wait for the oldest batch in compute; queue its writes; count it done. A batch
+        past ``batch_timeout_s`` becomes error rows; its stuck lane is left behind."""
+        batch, task = self.computing.popleft()
+        try:  # a StageError fails the shard
+            outputs = task.result(self.cfg.batch_timeout_s, on_wait=self.stop_check)
+        except TaskTimeout as exc:
+            self.compute_pool.abandon()
+            for item in batch:
+                self.ledger.release(item.cost)
+            what = f"computing its batch of {len(batch)} {exc} (batch_timeout_s)"
+            log.warning("shard %05d: %s ... %s", self.job.shard.index, batch[0].file.rel_path,
+                        what)
+            self.finish([_timed_out(self.job, item.file, what) for item in batch])
+            return
+        finally:
+            if task.future.done():  # a stuck lane may still read its batch's pixels
+                for item in batch:
+                    item.release()  # free memory early
+        for item, out in zip(batch, outputs, strict=True):
+            kept = _output_bytes(out)
+            self.ledger.release(item.cost - kept)
+            if out is not None:
+                self.write_jobs.append(self.io_pool.submit(self.write, item, out, kept))
+        self.finish(batch)
+
+    def flush(self, key: tuple[int, int]) -> None:
+        batch = self.buckets.pop(key)
+        self.computing.append((batch, self.compute_pool.submit(
+            _run_batch, batch, self.stages, self.cfg, self.workspace, self.device_io)))
+        while len(self.computing) >= self.lanes:
+            self.collect()
+
+    def take(self, task: Task[Loaded]) -> Loaded:
+        """The next read + decode; an error row once it runs past ``image_timeout_s``."""
+        try:
+            return task.result(self.cfg.image_timeout_s, on_wait=self.stop_check)
+        except TaskTimeout as exc:
+            self.io_pool.abandon()
+            file = task.args[2]
+            what = f"reading and decoding {exc} (image_timeout_s)"
+            log.warning("shard %05d: %s %s", self.job.shard.index, file.rel_path, what)
+            return _timed_out(self.job, file, what)
+
+    def make_room(self) -> None:
+        """Free bytes: compute what waits in buckets, else finish a batch, else a write."""
+        if self.buckets:
+            self.flush(max(self.buckets, key=lambda k: sum(i.cost for i in self.buckets[k])))
+        elif self.computing:
+            self.collect()
+        else:
+            self.ledger.wait_release()
+
+    def top_up(self) -> None:
+        """Start reading + decoding more files while their guessed bytes fit the budget."""
+        while self.next_index < len(self.files) and len(self.pending) < self.window:
+            if self.pending and (not self.largest or self.ledger.held
+                                 + (len(self.pending) + 1) * self.largest > self.room):
+                return  # the first image's size is unknown until it is decoded
+            self.pending.append(self.io_pool.submit(
+                _read_and_decode, self.job, self.cfg, self.files[self.next_index],
+                self.device_io))
+            self.next_index += 1
+
+    def admit(self, item: Loaded) -> None:
+        h, w = item.size()
+        cost = image_cost(h, w, item.waiting_bytes(), item.reference is not None,
+                          self.stages.peak_bytes_per_pixel(), self.workspace or 0)
+        self.largest = max(self.largest, cost)
+        if cost > self.room:
+            _too_big(item, cost, self.room)
+            self.finish([item])
+            return
+        while self.ledger.held + cost > self.room and (
+                self.buckets or self.computing or self.ledger.held > 0):
+            self.make_room()
+        item.cost = cost
+        self.ledger.reserve(cost)
+        key = (h, w)
+        bucket = self.buckets[key]
+        bucket.append(item)
+        if (len(bucket) >= self.cfg.batch_size
+                or sum(i.cost for i in bucket) * (self.lanes + 1) >= self.room):
+            self.flush(key)
+        elif sum(len(b) for b in self.buckets.values()) >= self.window:  # bound the waiting
+            self.flush(max(self.buckets, key=lambda k: len(self.buckets[k])))
