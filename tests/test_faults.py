@@ -532,8 +532,12 @@ def test_sigterm_sigint_stop_then_same_command(sig, tmp_path, harness_api, cli_f
           f"{None if released_markers is None else len(released_markers)}, at exit "
           f"{len(final_markers)}; stderr tail: {err[-400:]!r}")
     assert not running, f"{sig.name}: still running after {STOP_WITHIN_S:.0f} s"
-    if at_signal < len(rels) // 8:  # on a loaded machine the run may be done already
-        assert proc.returncode != 0
+    # exit 0 only for a run that finished: a signal the interpreter handles after the flow's
+    # code has returned (the main thread was in a C call) is logged and dropped by Prefect
+    complete = len(final_markers) == len(rels) // 8
+    assert proc.returncode != 0 or complete, (
+        f"exit 0 with {len(final_markers)} of {len(rels) // 8} shards done "
+        f"({at_signal} at the signal)")
     if lock_after is not None:  # left behind: must be the dead process's own lock
         assert lock_after["token"] == holder["token"] and not psutil.pid_exists(holder["pid"])
     if released_markers is not None:
