@@ -562,11 +562,11 @@ def train(
     on_checkpoint: CheckpointCallback | None = None,
     on_metrics: MetricsCallback | None = None,
 ) -> TrainResult:
-    """Train (or resume) an enhancer on the images under ``corpus_uri``; see the module doc."""
-    from safetensors.torch import load
+    """Train (or resume) an enhancer on the images under ``corpus_uri``; see the module doc.
 
-    from varlide.priors.base import create_prior
-    from varlide.storage.uri import filesystem, join
+    The steps: the data and its held-out split, the model, loss and optimiser, a resume
+    from the newest checkpoint, the loop (step, log window, validation, checkpoint), then
+    the final weights."""
     from varlide.tracking import redact
 
     cfg = config or TrainConfig()
@@ -574,6 +574,45 @@ def train(
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
     started = time.perf_counter()
+    data = _prepare_data(corpus_uri, cfg)
+    model, loss_fn, opt = _build_training(cfg, device, data.prior)
+    progress = _resume(out_dir, cfg, model, opt, device)
+    extra = {"training": {"data": redact(corpus_uri), "config": cfg.as_dict(),
+                          "loss": {"name": cfg.loss, **loss_fn.describe()},
+                          "split": {k: v for k, v in data.split.items()
+                                    if k != "val_rel_paths"}}}
+    loop = _Loop(cfg, model, loss_fn, opt, device, data, progress, out_dir, extra,
+                 on_checkpoint, on_metrics)
+    loop.run()
+    seconds = time.perf_counter() - started
+    last_val = {k: v[-1] for k, v in progress.val_curves.items() if k != "step" and v}
+    extra["training"].update(steps=cfg.steps, resumed_from=progress.resumed_from,
+                             val=last_val, seconds_this_call=round(seconds, 1))
+    final_uri, version = _save_final(model, cfg, out_dir, extra, progress)
+    if on_checkpoint:
+        on_checkpoint(cfg.steps, final_uri)
+    steps_per_s = loop.steps_per_s
+    if math.isnan(steps_per_s) and progress.curves.get("steps_per_s"):
+        steps_per_s = progress.curves["steps_per_s"][-1]
+    return TrainResult(
+        weights_uri=final_uri, version=version, steps=cfg.steps,
+        resumed_from=progress.resumed_from, seconds=seconds, steps_per_s=steps_per_s,
+        curves=progress.curves, val_curves=progress.val_curves, split=data.split,
+        checkpoints=loop.checkpoints,
+    )
+
+
+@dataclass
+class _Data:
+    train_set: list[_Image]
+    val: dict[str, Any] | None
+    prior: Any
+    split: dict[str, Any]
+
+
+def _prepare_data(corpus_uri: str, cfg: TrainConfig) -> _Data:
+    """The corpus read once, the held-out split (``varlide.holdout``), the validation set."""
+    from varlide.priors.base import create_prior
 
     images = _read_corpus(corpus_uri, cfg.max_images)
     train_set, val_set = holdout.split(images, lambda im: im.sha256, cfg.val_fraction,
@@ -592,126 +631,176 @@ def train(
     }
     if val and len(images) >= 100 and not split["val_by_brightness"]["mid"]:
         log.warning("training: the validation split holds no moderately lit image")
+    return _Data(train_set, val, prior, split)
 
-    with torch.random.fork_rng(devices=[]):  # the same seed gives the same initial weights
+
+def _build_training(cfg: TrainConfig, device: torch.device, prior: Any):
+    """The model (seeded: the same seed gives the same initial weights), loss, optimiser."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_model(cfg).to(device)
-    channels_last = device.type == "cuda"  # faster convolutions under bf16 autocast
-    if channels_last:
+    if device.type == "cuda":  # faster convolutions under bf16 autocast
         model = model.to(memory_format=torch.channels_last)
     model.trained_prior = prior.backend
     model.trained_prior_model = prior.model
     loss_fn = build_loss(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return model, loss_fn, opt
 
-    curves: dict[str, list[float]] = {"step": [], "loss": []}
-    val_curves: dict[str, list[float]] = {"step": []}
-    start, resumed_from = 0, None
-    now_cfg = cfg.as_dict()
+
+@dataclass
+class _Progress:
+    curves: dict[str, list[float]] = field(default_factory=lambda: {"step": [], "loss": []})
+    val_curves: dict[str, list[float]] = field(default_factory=lambda: {"step": []})
+    start: int = 0
+    resumed_from: int | None = None
+
+
+def _resume(out_dir: str, cfg: TrainConfig, model, opt, device: torch.device) -> _Progress:
+    """Continue from the newest checkpoint in ``out_dir`` (same config but for
+    ``RESUMABLE_FIELDS``), else start from ``init_from`` weights (fine-tuning), else anew."""
+    from safetensors.torch import load
+
+    from varlide.storage.uri import filesystem, join
+
     found = _list_checkpoints(out_dir)
     if cfg.init_from and not found:  # fine-tune: start from these weights (same architecture)
         from varlide.resolver import local_weights
 
         meta, weights, digest = type(model).read_pretrained(local_weights(cfg.init_from))
         model._adopt(meta, {k: v.to(device) for k, v in weights.items()}, digest)
-    if found:
-        step0, uri = found[-1]
-        fs, p = filesystem(join(uri, "state.json"))
-        state = json.loads(fs.cat_file(p))
-        diff = _config_diff(state["config"], now_cfg)
-        if diff:
-            raise ValueError(
-                f"{out_dir} holds a run with another training config (fields {diff}); "
-                "resume with the same config (only "
-                f"{sorted(RESUMABLE_FIELDS)} may change) or use a new output folder"
-            )
-        meta, weights, digest = type(model).read_pretrained(uri)
-        model._adopt(meta, {k: v.to(device) for k, v in weights.items()}, digest)
-        fs, p = filesystem(join(uri, "optimizer.safetensors"))
-        tensors = {k: v.to(device) for k, v in load(fs.cat_file(p)).items()}
-        _load_optimizer(opt, tensors, state["optimizer"])
-        curves, val_curves = state["curves"], state["val_curves"]
-        start = resumed_from = int(state["step"])
-        log.info("training: resumed from %s (step %d)", uri, start)
+    if not found:
+        return _Progress()
+    step0, uri = found[-1]
+    fs, p = filesystem(join(uri, "state.json"))
+    state = json.loads(fs.cat_file(p))
+    diff = _config_diff(state["config"], cfg.as_dict())
+    if diff:
+        raise ValueError(
+            f"{out_dir} holds a run with another training config (fields {diff}); "
+            "resume with the same config (only "
+            f"{sorted(RESUMABLE_FIELDS)} may change) or use a new output folder"
+        )
+    meta, weights, digest = type(model).read_pretrained(uri)
+    model._adopt(meta, {k: v.to(device) for k, v in weights.items()}, digest)
+    fs, p = filesystem(join(uri, "optimizer.safetensors"))
+    tensors = {k: v.to(device) for k, v in load(fs.cat_file(p)).items()}
+    _load_optimizer(opt, tensors, state["optimizer"])
+    log.info("training: resumed from %s (step %d)", uri, int(state["step"]))
+    return _Progress(state["curves"], state["val_curves"], int(state["step"]),
+                     int(state["step"]))
 
-    extra = {"training": {"data": redact(corpus_uri), "config": now_cfg,
-                          "loss": {"name": cfg.loss, **loss_fn.describe()},
-                          "split": {k: v for k, v in split.items() if k != "val_rel_paths"}}}
-    checkpoints: list[str] = []
-    batches = _Batches(train_set, cfg, prior, start) if start < cfg.steps else None
-    model.train()
-    window_t, window_n = time.perf_counter(), 0
-    sums: dict[str, float] = {}
-    steps_per_s = float("nan")
-    try:
-        for step in range(start, cfg.steps):
-            x, v, b = batches.get(step)
-            x, v, b = x.to(device, non_blocking=True), v.to(device), b.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(cfg, step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            temp = temperature_at(cfg, step)
-            with autocast_for(device, "auto" if cfg.amp else "fp32"):
-                out = model(x, v, b, mask=cfg.mask, temperature=temp)
-            loss, terms = loss_fn(out, x, v, b)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training: loss is {float(loss)} at step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
 
-            done = step + 1
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for k, t in terms.items():
-                sums[k] = sums.get(k, 0.0) + t
-            window_n += 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                now = time.perf_counter()
-                steps_per_s = window_n / max(now - window_t, 1e-9)
-                metrics = {k: s / window_n for k, s in sums.items()}
-                if out.get("tau") is not None:
-                    metrics["tau_mean"] = float(out["tau"].detach().float().mean())
-                if out.get("strength") is not None:
-                    metrics["strength_mean"] = float(out["strength"].detach().float().mean())
-                curves["step"].append(done)
-                for k, val_ in metrics.items():
-                    curves.setdefault(k, []).append(val_)
-                metrics.update(lr=lr, temperature=temp, steps_per_s=steps_per_s)
-                for k in ("lr", "temperature", "steps_per_s"):
-                    curves.setdefault(k, []).append(metrics[k])
-                if on_metrics:
-                    on_metrics(done, metrics)
-                sums, window_n, window_t = {}, 0, now
-            if val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-                vm = validate(model, loss_fn, val, device, cfg.amp)
-                val_curves["step"].append(done)
-                for k, val_ in vm.items():
-                    val_curves.setdefault(k, []).append(val_)
-                if on_metrics:
-                    on_metrics(done, vm)
-                window_t = time.perf_counter()  # validation time is not training speed
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                state = {"step": done, "config": now_cfg, "curves": curves,
-                         "val_curves": val_curves}
-                uri = _save_checkpoint(out_dir, done, model, opt, state, extra)
-                checkpoints.append(uri)
-                _prune_checkpoints(out_dir, cfg.keep_checkpoints)
-                if on_checkpoint:
-                    on_checkpoint(done, uri)
-                window_t = time.perf_counter()
-    finally:
-        if batches is not None:
-            batches.close()
+class _Loop:
+    """The optimisation loop: a step, the log window, validation and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, model, loss_fn, opt, device: torch.device,
+                 data: _Data, progress: _Progress, out_dir: str, extra: dict[str, Any],
+                 on_checkpoint: CheckpointCallback | None,
+                 on_metrics: MetricsCallback | None) -> None:
+        self.cfg, self.model, self.loss_fn, self.opt, self.device = cfg, model, loss_fn, opt, device
+        self.data, self.progress, self.out_dir, self.extra = data, progress, out_dir, extra
+        self.on_checkpoint, self.on_metrics = on_checkpoint, on_metrics
+        self.channels_last = device.type == "cuda"
+        self.checkpoints: list[str] = []
+        self.steps_per_s = float("nan")
+        self.sums: dict[str, float] = {}
+        self.window_t, self.window_n = time.perf_counter(), 0
+
+    def run(self) -> None:
+        cfg, start = self.cfg, self.progress.start
+        batches = _Batches(self.data.train_set, cfg, self.data.prior, start) \
+            if start < cfg.steps else None
+        self.model.train()
+        try:
+            for step in range(start, cfg.steps):
+                out, lr, temp = self.step(batches.get(step), step)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    self.log_window(done, out, lr, temp)
+                if self.data.val is not None and (done % cfg.val_every == 0
+                                                  or done == cfg.steps):
+                    self.validate(done)
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    self.checkpoint(done)
+        finally:
+            if batches is not None:
+                batches.close()
+
+    def step(self, batch, step: int):
+        """One optimiser step; the window's sums grow by its loss terms."""
+        cfg, device = self.cfg, self.device
+        x, v, b = batch
+        x, v, b = x.to(device, non_blocking=True), v.to(device), b.to(device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        lr = lr_at(cfg, step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        temp = temperature_at(cfg, step)
+        with autocast_for(device, "auto" if cfg.amp else "fp32"):
+            out = self.model(x, v, b, mask=cfg.mask, temperature=temp)
+        loss, terms = self.loss_fn(out, x, v, b)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training: loss is {float(loss)} at step {step + 1}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sums["loss"] = self.sums.get("loss", 0.0) + float(loss.detach())
+        for k, t in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + t
+        self.window_n += 1
+        return out, lr, temp
+
+    def log_window(self, done: int, out: dict, lr: float, temp: float) -> None:
+        """The mean of the window's terms, speed and schedule into the curves."""
+        curves = self.progress.curves
+        now = time.perf_counter()
+        self.steps_per_s = self.window_n / max(now - self.window_t, 1e-9)
+        metrics = {k: s / self.window_n for k, s in self.sums.items()}
+        if out.get("tau") is not None:
+            metrics["tau_mean"] = float(out["tau"].detach().float().mean())
+        if out.get("strength") is not None:
+            metrics["strength_mean"] = float(out["strength"].detach().float().mean())
+        curves["step"].append(done)
+        for k, val_ in metrics.items():
+            curves.setdefault(k, []).append(val_)
+        metrics.update(lr=lr, temperature=temp, steps_per_s=self.steps_per_s)
+        for k in ("lr", "temperature", "steps_per_s"):
+            curves.setdefault(k, []).append(metrics[k])
+        if self.on_metrics:
+            self.on_metrics(done, metrics)
+        self.sums, self.window_n, self.window_t = {}, 0, now
+
+    def validate(self, done: int) -> None:
+        vm = validate(self.model, self.loss_fn, self.data.val, self.device, self.cfg.amp)
+        val_curves = self.progress.val_curves
+        val_curves["step"].append(done)
+        for k, val_ in vm.items():
+            val_curves.setdefault(k, []).append(val_)
+        if self.on_metrics:
+            self.on_metrics(done, vm)
+        self.window_t = time.perf_counter()  # validation time is not training speed
+
+    def checkpoint(self, done: int) -> None:
+        state = {"step": done, "config": self.cfg.as_dict(), "curves": self.progress.curves,
+                 "val_curves": self.progress.val_curves}
+        uri = _save_checkpoint(self.out_dir, done, self.model, self.opt, state, self.extra)
+        self.checkpoints.append(uri)
+        _prune_checkpoints(self.out_dir, self.cfg.keep_checkpoints)
+        if self.on_checkpoint:
+            self.on_checkpoint(done, uri)
+        self.window_t = time.perf_counter()
+
+
+def _save_final(model, cfg: TrainConfig, out_dir: str, extra: dict[str, Any],
+                progress: _Progress) -> tuple[str, str]:
+    """``OUT/final/`` with the final backbone and inference settings, and ``curves.json``."""
+    from varlide.storage.uri import join, write_bytes
 
     final_uri = join(out_dir, "final")
-    seconds = time.perf_counter() - started
-    last_val = {k: v[-1] for k, v in val_curves.items() if k != "step" and v}
-    extra["training"].update(steps=cfg.steps, resumed_from=resumed_from,
-                             val=last_val, seconds_this_call=round(seconds, 1))
     model.eval()
     if cfg.final_backbone and hasattr(model, "set_backbone"):  # varlide-lite
         model.set_backbone(cfg.final_backbone)
@@ -719,14 +808,6 @@ def train(
         model.config = dataclasses.replace(model.config,
                                            inference_downscale=cfg.final_inference_downscale)
     version = model.save_pretrained(final_uri, extra=extra)
-    fs, p = filesystem(join(out_dir, "curves.json"))
-    fs.pipe_file(p, json.dumps({"train": curves, "val": val_curves}, indent=1).encode())
-    if on_checkpoint:
-        on_checkpoint(cfg.steps, final_uri)
-    if math.isnan(steps_per_s) and curves.get("steps_per_s"):
-        steps_per_s = curves["steps_per_s"][-1]
-    return TrainResult(
-        weights_uri=final_uri, version=version, steps=cfg.steps, resumed_from=resumed_from,
-        seconds=seconds, steps_per_s=steps_per_s, curves=curves, val_curves=val_curves,
-        split=split, checkpoints=checkpoints,
-    )
+    write_bytes(join(out_dir, "curves.json"), json.dumps(
+        {"train": progress.curves, "val": progress.val_curves}, indent=1).encode())
+    return final_uri, version
