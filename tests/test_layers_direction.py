@@ -5,6 +5,7 @@
 - the weights mechanism (``varlide/weights/``) imports nothing of varlide but storage;
 - models, priors and iqa never import the resolver, the MLflow registry, the run planner,
   the engine or the run store;
+- no function in ``varlide/`` is over 80 lines;
 - modules under ``benchmarks/`` import only the standard library, torch, numpy and
   open_clip at module level (they run on a bare GPU machine).
 """
@@ -140,3 +141,14 @@ def test_benchmarks_import_only_torch_numpy_open_clip_at_module_level():
         tops = {m.split(".")[0] for m in _imports(path, top_level_only=True) if m}
         bad = tops - allowed - stdlib
         assert not bad, f"benchmarks/{path.name} imports {sorted(bad)} at module level"
+
+
+def test_no_function_in_varlide_is_over_80_lines():
+    long = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
+    assert not long, long

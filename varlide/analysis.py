@@ -531,12 +531,20 @@ class Figure:
 def make_figures(data: RunData, thumbs: int = 8, seed: int = 0,
                  rank_by: str | None = None) -> tuple[list[Figure], list[str], Criterion | None]:
     """Every figure of the report, and notes on the ones that cannot be drawn."""
+    figs: list[Figure] = []
+    notes: list[str] = []
+    for section in (_prior_figures, _enhancement_figures, _quality_figures, _gain_figures):
+        section(data, figs, notes)
+    crit = rank_criterion(data, rank_by)
+    if thumbs > 0 and len(data.ok):
+        figs += _thumbnail_figures(data, thumbs, seed, crit)
+    return figs, notes, crit
+
+
+def _prior_figures(data: RunData, figs: list[Figure], notes: list[str]) -> None:
     import numpy as np
 
     ok = data.ok
-    figs: list[Figure] = []
-    notes: list[str] = []
-    # priors
     backends = ", ".join(map(str, ok["prior_backend"].dropna().unique()))
     for col, name, what in (("visibility", "v", "higher = better lit"),
                             ("blur", "b", "higher = blurrier")):
@@ -547,7 +555,12 @@ def make_figures(data: RunData, thumbs: int = 8, seed: int = 0,
                                _hist({col: v}, f"{col} {name}", f"{name} in [0, 1]", [BEFORE])))
         else:
             notes.append(f"no {col} values (no image was scored)")
-    # enhancement
+
+
+def _enhancement_figures(data: RunData, figs: list[Figure], notes: list[str]) -> None:
+    import numpy as np
+
+    ok = data.ok
     n_iter = ok["n_iter"].dropna() if "n_iter" in ok else ok.iloc[:0, 0]
     if len(n_iter):
         counts = n_iter.astype(int).value_counts().sort_index()
@@ -572,7 +585,12 @@ def make_figures(data: RunData, thumbs: int = 8, seed: int = 0,
                                  [BEFORE])))
     if not len(n_iter) and not len(route):
         notes.append("enhancement was off in this run (no n_iter, route or after images)")
-    # quality before / after
+
+
+def _quality_figures(data: RunData, figs: list[Figure], notes: list[str]) -> None:
+    import numpy as np
+
+    ok = data.ok
     for m in data.metrics:
         vin = _finite(ok[f"q_{m}_in"])
         vout = _finite(ok[f"q_{m}_out"]) if f"q_{m}_out" in ok else np.array([])
@@ -585,7 +603,10 @@ def make_figures(data: RunData, thumbs: int = 8, seed: int = 0,
                 if vout.size else f"{m} of each input image (q_{m}_in; no after values)")
         figs.append(Figure(f"fig-q_{m}", "quality", m, f"{what}; {way[lower]}.",
                            _hist({"before": vin, "after": vout}, m, m, [BEFORE, AFTER])))
-    # v against brightness gain
+
+
+def _gain_figures(data: RunData, figs: list[Figure], notes: list[str]) -> None:
+    ok = data.ok
     if {"q_brightness_in", "q_brightness_out", "visibility"} <= set(ok.columns) and (
             ok["q_brightness_out"].notna() & ok["q_brightness_in"].notna()).any():
         figs.append(Figure("fig-v_vs_gain", "gain", "visibility against brightness gain",
@@ -594,30 +615,36 @@ def make_figures(data: RunData, thumbs: int = 8, seed: int = 0,
     else:
         notes.append("no brightness gain to plot (needs the brightness measure and after "
                      "images)")
-    # thumbnails
-    crit = rank_criterion(data, rank_by)
-    if thumbs > 0 and len(ok):
-        pairs = data.enhanced
-        k = min(thumbs, len(ok))
-        picks = []
-        if crit is not None:
-            ranked = crit.values.dropna().sort_values(kind="stable")
-            r = min(thumbs, max(1, len(ranked) // 2))  # worst and best never overlap
-            picks = [("worst", list(ranked.index[:r])), ("best", list(ranked.index[::-1][:r]))]
-        rng = np.random.default_rng(seed)
-        positions = np.sort(rng.choice(len(ok), size=k, replace=False))
-        picks.append(("random", list(ok.index[positions])))
-        for kind, index in picks:
-            rows = [(i, ok.loc[i].to_dict()) for i in index]
-            title = (f"{len(index)} at random (seed {seed})" if kind == "random"
-                     else f"{kind.capitalize()} {len(index)} by {crit.column}")
-            caption = ((crit.description[0].upper() + crit.description[1:] + "." if crit else "")
-                       if kind != "random" else "A uniform sample of the ok images.")
-            caption += " Before (input) and after (enhanced) side by side." if pairs else (
-                " Inputs only: this run wrote no enhanced images.")
-            figs.append(Figure(f"fig-thumbs-{kind}", "thumbnails", title, caption,
-                               _grid(rows, title, crit, pairs)))
-    return figs, notes, crit
+
+
+def _thumbnail_figures(data: RunData, thumbs: int, seed: int,
+                       crit: Criterion | None) -> list[Figure]:
+    """Worst and best by the criterion (when there is one) and a seeded random sample."""
+    import numpy as np
+
+    ok = data.ok
+    figs: list[Figure] = []
+    pairs = data.enhanced
+    k = min(thumbs, len(ok))
+    picks = []
+    if crit is not None:
+        ranked = crit.values.dropna().sort_values(kind="stable")
+        r = min(thumbs, max(1, len(ranked) // 2))  # worst and best never overlap
+        picks = [("worst", list(ranked.index[:r])), ("best", list(ranked.index[::-1][:r]))]
+    rng = np.random.default_rng(seed)
+    positions = np.sort(rng.choice(len(ok), size=k, replace=False))
+    picks.append(("random", list(ok.index[positions])))
+    for kind, index in picks:
+        rows = [(i, ok.loc[i].to_dict()) for i in index]
+        title = (f"{len(index)} at random (seed {seed})" if kind == "random"
+                 else f"{kind.capitalize()} {len(index)} by {crit.column}")
+        caption = ((crit.description[0].upper() + crit.description[1:] + "." if crit else "")
+                   if kind != "random" else "A uniform sample of the ok images.")
+        caption += " Before (input) and after (enhanced) side by side." if pairs else (
+            " Inputs only: this run wrote no enhanced images.")
+        figs.append(Figure(f"fig-thumbs-{kind}", "thumbnails", title, caption,
+                           _grid(rows, title, crit, pairs)))
+    return figs
 
 
 # ---- the page -------------------------------------------------------------------------------
@@ -745,6 +772,62 @@ def render_html(data: RunData, figs: Sequence[Figure], notes: Sequence[str],
     """The self-contained page (no external URL, no script)."""
     from varlide import __version__
 
+    images = int(counts.get("images", 0))
+    by_section: dict[str, list[Figure]] = {}
+    for f in figs:
+        by_section.setdefault(f.section, []).append(f)
+
+    def figs_of(section: str, empty: str) -> str:
+        items = by_section.get(section, [])
+        if not items:
+            return f'<p class="note">{_e(empty)}</p>'
+        return '<div class="figs">' + "".join(_figure_html(f) for f in items) + "</div>"
+
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+             f"<title>varlide report · run {_e(data.run_id)}</title>",
+             f"<style>{_CSS}</style></head><body>",
+             f"<header><h1>varlide run report</h1><p>run <code>{_e(data.run_id)}</code> · "
+             f"dataset {_e(data.dataset)} · {images} images · generated "
+             f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}</p></header>",
+             "<nav>" + "".join(f'<a href="#{sid}">{_e(t)}</a>' for sid, t in _SECTIONS)
+             + "</nav><main>"]
+    parts += _summary_html(data, counts)
+    parts.append(f'<section id="errors"><h2>Errors</h2>{_error_tables(data)}</section>')
+    parts.append('<section id="priors"><h2>Priors</h2>'
+                 + figs_of("priors", "No prior values.") + "</section>")
+    parts.append('<section id="enhancement"><h2>Enhancement</h2>'
+                 + figs_of("enhancement", "Enhancement was off in this run (scores only).")
+                 + "</section>")
+    parts.append('<section id="quality"><h2>Quality before and after</h2>'
+                 + _quality_table(data)
+                 + figs_of("quality", "No quality measures in this run.") + "</section>")
+    parts.append('<section id="gain"><h2>Brightness gain</h2>'
+                 + figs_of("gain", "No brightness gain to plot (needs the brightness measure "
+                           "and enhanced images).") + "</section>")
+    rank_note = (f'<p id="ranking">Ranked by <b>{_e(crit.column)}</b>: {_e(crit.description)}.'
+                 "</p>" if crit else "")
+    parts.append('<section id="thumbnails"><h2>Thumbnails</h2>' + rank_note
+                 + figs_of("thumbnails", "No ok images to show.") + "</section>")
+    if notes:
+        parts.append('<section id="notes"><h2>Notes</h2><ul>'
+                     + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul></section>")
+    parts.append(f"<footer>varlide {_e(__version__)} · <code>varlide report</code> · the rows "
+                 f"behind this page: <code>varlide query {_e(data.output_uri)} \"SELECT * FROM "
+                 f"scores\" --run {_e(data.run_id)}</code></footer></main></body></html>")
+    return "\n".join(parts)
+
+
+def _figure_html(f: Figure) -> str:
+    b64 = base64.b64encode(f.png).decode("ascii")
+    wide = ' class="wide"' if f.section == "thumbnails" else ""
+    return (f'<figure id="{_e(f.id)}"{wide}><img alt="{_e(f.title)}" '
+            f'src="data:image/png;base64,{b64}"><figcaption>{_e(f.caption)}</figcaption>'
+            "</figure>")
+
+
+def _summary_html(data: RunData, counts: dict[str, float]) -> list[str]:
+    """The counts cards, the incomplete-run warning and the run's details table."""
     cfg = data.manifest.get("config") or {}
     df = data.df
     first = df.iloc[0] if len(df) else {}
@@ -774,34 +857,7 @@ def render_html(data: RunData, figs: Sequence[Figure], notes: Sequence[str],
                       else "–")),
         ("schema version", _e(first.get("schema_version") if len(df) else "–")),
     ]
-    by_section: dict[str, list[Figure]] = {}
-    for f in figs:
-        by_section.setdefault(f.section, []).append(f)
-
-    def figure(f: Figure) -> str:
-        b64 = base64.b64encode(f.png).decode("ascii")
-        wide = ' class="wide"' if f.section == "thumbnails" else ""
-        return (f'<figure id="{_e(f.id)}"{wide}><img alt="{_e(f.title)}" '
-                f'src="data:image/png;base64,{b64}"><figcaption>{_e(f.caption)}</figcaption>'
-                "</figure>")
-
-    def figs_of(section: str, empty: str) -> str:
-        items = by_section.get(section, [])
-        if not items:
-            return f'<p class="note">{_e(empty)}</p>'
-        return '<div class="figs">' + "".join(figure(f) for f in items) + "</div>"
-
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>varlide report · run {_e(data.run_id)}</title>",
-             f"<style>{_CSS}</style></head><body>",
-             f"<header><h1>varlide run report</h1><p>run <code>{_e(data.run_id)}</code> · "
-             f"dataset {_e(data.dataset)} · {images} images · generated "
-             f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}</p></header>",
-             "<nav>" + "".join(f'<a href="#{sid}">{_e(t)}</a>' for sid, t in _SECTIONS)
-             + "</nav><main>"]
-    # counts
-    parts.append('<section id="summary"><h2>Counts</h2><div class="cards">')
+    parts = ['<section id="summary"><h2>Counts</h2><div class="cards">']
     for label, value, cls in cards:
         parts.append(f'<div class="card {cls}" data-count="{_e(label)}"><span class="n">'
                      f'{_e(value)}</span><span class="l">{_e(label)}</span></div>')
@@ -812,29 +868,7 @@ def render_html(data: RunData, figs: Sequence[Figure], notes: Sequence[str],
                      "figures show the rows written so far.</p>")
     parts.append('<table class="kv">' + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>"
                                                for k, v in details) + "</table></section>")
-    parts.append(f'<section id="errors"><h2>Errors</h2>{_error_tables(data)}</section>')
-    parts.append('<section id="priors"><h2>Priors</h2>'
-                 + figs_of("priors", "No prior values.") + "</section>")
-    parts.append('<section id="enhancement"><h2>Enhancement</h2>'
-                 + figs_of("enhancement", "Enhancement was off in this run (scores only).")
-                 + "</section>")
-    parts.append('<section id="quality"><h2>Quality before and after</h2>'
-                 + _quality_table(data)
-                 + figs_of("quality", "No quality measures in this run.") + "</section>")
-    parts.append('<section id="gain"><h2>Brightness gain</h2>'
-                 + figs_of("gain", "No brightness gain to plot (needs the brightness measure "
-                           "and enhanced images).") + "</section>")
-    rank_note = (f'<p id="ranking">Ranked by <b>{_e(crit.column)}</b>: {_e(crit.description)}.'
-                 "</p>" if crit else "")
-    parts.append('<section id="thumbnails"><h2>Thumbnails</h2>' + rank_note
-                 + figs_of("thumbnails", "No ok images to show.") + "</section>")
-    if notes:
-        parts.append('<section id="notes"><h2>Notes</h2><ul>'
-                     + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul></section>")
-    parts.append(f"<footer>varlide {_e(__version__)} · <code>varlide report</code> · the rows "
-                 f"behind this page: <code>varlide query {_e(data.output_uri)} \"SELECT * FROM "
-                 f"scores\" --run {_e(data.run_id)}</code></footer></main></body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 # ---- MLflow ---------------------------------------------------------------------------------
