@@ -183,6 +183,21 @@ class Config(BaseModel):
         "iqa_max_side", "format", "quality", "apply_exif", "max_pixels",
     )
 
+    # Fields that decide which stages (prior, enhancer, measures) a worker builds.
+    stage_fields: ClassVar[tuple[str, ...]] = (
+        "prior", "prior_model", "prior_calibration", "clip_visibility_prompts",
+        "clip_blur_prompts", "enhance", "enhancer", "enhancer_weights", "enhancer_options",
+        "metrics", "reference_metrics",
+    )
+
+    def stage_config(self) -> str:
+        """The stage-deciding fields as one canonical string (a worker's stage cache key;
+        ``reference`` counts only as present or not: it adds the reference measures)."""
+        data = self.model_dump(mode="json")
+        key = {name: data[name] for name in self.stage_fields}
+        key["reference"] = bool(self.reference)
+        return json.dumps(key, sort_keys=True)
+
     def output_config(self) -> dict[str, Any]:
         """The output-changing fields, JSON-ready (tuples become lists)."""
         data = self.model_dump(mode="json")

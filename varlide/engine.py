@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -164,10 +163,7 @@ _STAGES_LOCK = threading.Lock()
 
 
 def _stage_key(cfg: Config, device: torch.device) -> tuple:
-    return (cfg.prior, cfg.prior_model, cfg.prior_calibration, cfg.clip_visibility_prompts,
-            cfg.clip_blur_prompts, cfg.enhancer if cfg.enhance else None, cfg.enhancer_weights,
-            json.dumps(cfg.enhancer_options, sort_keys=True), cfg.metrics,
-            cfg.reference_metrics if cfg.reference else (), str(device), _calibrations_state(cfg))
+    return cfg.stage_config(), str(device), _calibrations_state(cfg)
 
 
 def _calibrations_state(cfg: Config) -> tuple:
