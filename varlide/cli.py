@@ -566,7 +566,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="folder or URI of training images (any exposure)")
     p.add_argument("out", help="local folder for checkpoints and the final weights")
     p.add_argument("--config", help="YAML of TrainConfig fields (varlide/training.py)")
-    p.add_argument("--enhancer", choices=["varlide-lite", "zero-dce"])
+    p.add_argument("--enhancer", help="a trainable registered enhancer (default varlide-lite; "
+                   "zero-dce trains with its own loss)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--crop", type=int)
@@ -581,8 +582,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     doc = read_yaml(args.config) if args.config else {}
     flags = {n: getattr(args, n) for n in ("enhancer", "steps", "batch_size", "crop", "device")}
-    if (flags["enhancer"] or doc.get("enhancer")) == "zero-dce" and "loss" not in doc:
-        flags["loss"] = "zero-dce"  # its own loss unless the file names one
+    enhancer = flags["enhancer"] or doc.get("enhancer")
+    if enhancer and "loss" not in doc:  # its own loss unless the file names one
+        from varlide.models import ENHANCERS
+
+        if enhancer in ENHANCERS:
+            flags["loss"] = ENHANCERS.info(enhancer).get("default_loss")
     cfg = load_settings(TrainConfig, doc, flags, env_prefix="VARLIDE_TRAIN_")
     _start_prefect_server()
     from flows import prefect_api

@@ -243,19 +243,21 @@ def finetune_config(champion_dir: str, overrides: dict[str, Any] | None = None
     with (its training record; empty if none), the final weights name the champion's."""
     import json
 
+    from varlide.models import ENHANCERS
     from varlide.storage.uri import filesystem, join
+    from varlide.training import default_loss
 
     fs, p = filesystem(join(champion_dir, "config.json"))
     meta = json.loads(fs.cat_file(p))
     model = dict(meta.get("model", {}))
     fields: dict[str, Any] = {"enhancer": meta["enhancer"]}
-    if meta["enhancer"] == "varlide-lite":  # train the curve as the champion's was trained
+    if ENHANCERS.info(meta["enhancer"]).get("backbone_slot"):  # the curve as it was trained
         trained = meta.get("training", {}).get("config", {}).get("model", {})
         fields["final_backbone"] = model.get("backbone", "identity")
         model["backbone"] = trained.get("backbone", "identity")
     fields.update({
         "model": model,
-        "loss": "zero-dce" if meta["enhancer"] == "zero-dce" else "varlide",
+        "loss": default_loss(meta["enhancer"]),
         "prior": meta.get("trained_prior") or "analytic",
     })
     fields.update(overrides or {})

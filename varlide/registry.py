@@ -1,13 +1,16 @@
 """A tiny named registry, one per kind (enhancers, priors, metrics), in the manner of timm.
 
-Each registry maps a public name to a factory. ``create`` is the single way callers build
-an instance, so an unknown name fails in one place with the list of known ones.
+Each registry maps a public name to a factory and its metadata (``register(name, **info)``;
+for an enhancer: whether it trains, its default loss, its model class, whether it ships
+weights). ``create`` is the single way callers build an instance, so an unknown name fails
+in one place with the list of known ones; ``info`` is how callers read what a name is,
+instead of hard-coding names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -23,15 +26,26 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._factories: dict[str, Callable[..., T]] = {}
+        self._info: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, **info: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def wrap(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._factories[name] = factory
+            self._info[name] = info
             return factory
 
         return wrap
+
+    def info(self, name: str) -> dict[str, Any]:
+        """The metadata ``name`` was registered with (UnknownNameError if none)."""
+        self.get(name)
+        return self._info.get(name, {})
+
+    def names_where(self, key: str) -> list[str]:
+        """Names whose metadata has a true ``key`` (e.g. ``trainable``)."""
+        return [n for n in self.names() if self._info.get(n, {}).get(key)]
 
     def names(self) -> list[str]:
         return sorted(self._factories)

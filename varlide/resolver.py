@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from varlide.iqa.files import PYIQA_FILES, metric_files
-from varlide.models.files import ENHANCERS_WITH_DEFAULT_WEIGHTS, enhancer_files
+from varlide.models.files import enhancer_files, enhancers_with_default_weights
 from varlide.priors.clip_files import (
     SUPPORTED_CLIP_MODELS,
     clip_checkpoint,
@@ -226,7 +226,7 @@ def catalogue() -> list[Requirement]:
             continue
     reqs += [Requirement(f, f"prior clip {a}:{t}", True)
              for (a, t), f in registered_clip_checkpoints().items()]
-    for name in ENHANCERS_WITH_DEFAULT_WEIGHTS:
+    for name in enhancers_with_default_weights():
         reqs += [Requirement(f, f"enhancer {name}", True) for f in enhancer_files(name, None)]
     for p in sorted((cache_dir() / "calibrations").glob("*.json")):
         reqs.append(Requirement(WeightFile(f"cache:calibrations/{p.name}", None,

@@ -88,7 +88,7 @@ RESUMABLE_FIELDS = frozenset({
 class TrainConfig:
     """Everything a training run needs. Plain data (JSON-ready via ``asdict``)."""
 
-    enhancer: str = "varlide-lite"  # "varlide-lite" | "zero-dce"
+    enhancer: str = "varlide-lite"  # a trainable registered enhancer (trainable_enhancers())
     model: dict[str, Any] = field(default_factory=dict)  # VarlideLiteConfig / ZeroDCEConfig
     loss: str = "varlide"  # "varlide" | "zero-dce"
     loss_weights: dict[str, float] = field(default_factory=dict)  # overrides of the defaults
@@ -136,10 +136,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.scale = tuple(self.scale)
         self.temperature = tuple(self.temperature)
-        if self.enhancer not in ("varlide-lite", "zero-dce"):
-            raise ValueError(f"enhancer: 'varlide-lite' or 'zero-dce', got {self.enhancer!r}")
-        if self.loss not in ("varlide", "zero-dce"):
-            raise ValueError(f"loss: 'varlide' or 'zero-dce', got {self.loss!r}")
+        from varlide.losses import LOSSES
+
+        if self.enhancer not in trainable_enhancers():
+            raise ValueError(f"enhancer: one of {trainable_enhancers()} (trainable), got "
+                             f"{self.enhancer!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: one of {sorted(LOSSES)}, got {self.loss!r}")
         if self.final_inference_downscale is not None and self.final_inference_downscale < 1:
             raise ValueError(f"final_inference_downscale: None or >= 1, got "
                              f"{self.final_inference_downscale!r}")
@@ -372,12 +375,24 @@ def _validation_set(images: list[_Image], cfg: TrainConfig, prior) -> dict[str, 
 
 
 def build_model(cfg: TrainConfig):
-    from varlide.models.varlide_lite import VarlideLite, VarlideLiteConfig
-    from varlide.models.zero_dce import ZeroDCE, ZeroDCEConfig
+    """A fresh trainable enhancer: its registered ``model`` class and ``config_class``."""
+    from varlide.models import ENHANCERS
 
-    if cfg.enhancer == "zero-dce":
-        return ZeroDCE(ZeroDCEConfig(**cfg.model))
-    return VarlideLite(VarlideLiteConfig(**cfg.model))
+    cls = ENHANCERS.info(cfg.enhancer)["model"]
+    return cls(cls.config_class(**cfg.model))
+
+
+def trainable_enhancers() -> list[str]:
+    from varlide.models import ENHANCERS
+
+    return ENHANCERS.names_where("trainable")
+
+
+def default_loss(enhancer: str) -> str:
+    """The loss an enhancer trains with unless told otherwise (its registry metadata)."""
+    from varlide.models import ENHANCERS
+
+    return ENHANCERS.info(enhancer).get("default_loss") or "varlide"
 
 
 def build_loss(cfg: TrainConfig):

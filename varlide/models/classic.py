@@ -109,7 +109,7 @@ class ClassicCurve(Enhancer):
         return EnhanceResult(images=out, route=["curve"] * b, n_iter=n_iter, phase_strength=None)
 
 
-@ENHANCERS.register("classic-curve")
+@ENHANCERS.register("classic-curve", trainable=False, ships_weights=False)
 def _make_classic_curve(weights: str | None = None, **kw) -> ClassicCurve:
     if weights is not None:
         raise ValueError(

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from varlide.weights.files import WeightFile, package_dir
 
-ENHANCERS_WITH_DEFAULT_WEIGHTS = ("varlide-lite", "zero-dce")
+
+def enhancers_with_default_weights() -> list[str]:
+    """Registered enhancers that ship weights (their ``ships_weights`` metadata)."""
+    import varlide.models  # noqa: F401  (registers the built-in enhancers)
+    from varlide.models.base import ENHANCERS
+
+    return ENHANCERS.names_where("ships_weights")
 
 
 
@@ -24,7 +30,7 @@ def enhancer_files(name: str, weights: str | None) -> list[WeightFile]:
         files = [p, p.parent / "config.json"] if p.suffix == ".safetensors" else [
             p / "model.safetensors", p / "config.json"]
         return [WeightFile(f"file:{f}", None, "enhancer", note=note) for f in files]
-    if name in ENHANCERS_WITH_DEFAULT_WEIGHTS or (package_dir() / name).is_dir():
+    if name in enhancers_with_default_weights() or (package_dir() / name).is_dir():
         return [WeightFile(f"package:{name}/{f}", None, "enhancer", note=note)
                 for f in ("model.safetensors", "config.json")]
     return []

@@ -499,7 +499,8 @@ class VarlideLite(Pretrained, Enhancer):
         return model
 
 
-@ENHANCERS.register("varlide-lite")
+@ENHANCERS.register("varlide-lite", trainable=True, model=VarlideLite, default_loss="varlide",
+                    ships_weights=True, backbone_slot=True)
 def _make_varlide_lite(weights: str | None = None, **kw) -> VarlideLite:
     """``weights=None``: the shipped default weights (varlide/models/shipped/varlide-lite/)."""
     if weights is None:

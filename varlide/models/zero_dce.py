@@ -97,7 +97,8 @@ class ZeroDCE(Pretrained, Enhancer):
         return model
 
 
-@ENHANCERS.register("zero-dce")
+@ENHANCERS.register("zero-dce", trainable=True, model=ZeroDCE, default_loss="zero-dce",
+                    ships_weights=True)
 def _make_zero_dce(weights: str | None = None, **kw) -> ZeroDCE:
     """``weights=None``: the shipped default weights (varlide/models/shipped/zero-dce/)."""
     if weights is None:
