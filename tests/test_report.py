@@ -149,14 +149,14 @@ def _png(img: dict) -> Image.Image:
 def thumb_calls(monkeypatch) -> list[tuple[str, bool]]:
     """Every thumbnail the report reads: (uri, read ok)."""
     calls: list[tuple[str, bool]] = []
-    real = analysis._thumbnail
+    real = analysis.figures._thumbnail
 
     def spy(uri, side):
         arr = real(uri, side)
         calls.append((uri, arr is not None))
         return arr
 
-    monkeypatch.setattr(analysis, "_thumbnail", spy)
+    monkeypatch.setattr(analysis.figures, "_thumbnail", spy)
     return calls
 
 
@@ -165,7 +165,7 @@ def enhanced_report(analyst_output, tmp_path_factory):
     """`varlide report OUT --run ID` of the enhanced run, with MLflow; the page and stdout."""
     run_id = analyst_output.enhanced
     calls: list[tuple[str, bool]] = []
-    real = analysis._thumbnail
+    real = analysis.figures._thumbnail
 
     def spy(uri, side):
         arr = real(uri, side)
@@ -175,7 +175,7 @@ def enhanced_report(analyst_output, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", analyst_output.mlflow)
         mp.chdir(analyst_output.base)
-        mp.setattr(analysis, "_thumbnail", spy)
+        mp.setattr(analysis.figures, "_thumbnail", spy)
         buf = io.StringIO()
         mp.setattr("sys.stdout", buf)
         code = main(["report", analyst_output.out, "--run", run_id, "--thumbs", "3"])
