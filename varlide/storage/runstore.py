@@ -30,13 +30,18 @@ import logging
 import os
 import re
 import socket
-import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from varlide.storage.jsonio import (
+    dumps,
+    fresh_fs,
+    now_iso,
+    read_json,
+    rm_missing_ok,
+    write_json,
+)
+from varlide.storage.runlock import RunLock, RunLockedError, lock_age  # noqa: F401  (re-exported)
 from varlide.storage.uri import filesystem, is_local_fs, join, safe_relpath, write_bytes
 
 log = logging.getLogger(__name__)
@@ -57,19 +62,6 @@ class DoneCheck:
         return sorted(self.missing + self.damaged)
 
 
-class RunLockedError(RuntimeError):
-    """Another live run holds the run's lock; the message names the holder and the lock."""
-
-    def __init__(self, message: str, holder: dict[str, Any] | None = None, lock_uri: str = ""):
-        super().__init__(message)
-        self.holder = holder or {}
-        self.lock_uri = lock_uri
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def _single_component(value: str, what: str) -> str:
     """A run id or dataset name as one folder name; a backslash is refused too (a store or
     a tool that reads it as a separator would see two folders)."""
@@ -79,23 +71,12 @@ def _single_component(value: str, what: str) -> str:
     return norm
 
 
-def _fs(uri: str):
-    """(fs, path) with any cached listing for ``path`` dropped (another process may write)."""
-    fs, path = filesystem(uri)
-    fs.invalidate_cache(path)
-    return fs, path
-
-
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, indent=1, allow_nan=False).encode()
-
-
 def _manifest_bytes(manifest: dict) -> bytes:
     """The manifest as indented JSON with its shard plan one compact line per shard: a
     million-file plan indented element by element would be ~3x larger and slower to write."""
     head = {k: v for k, v in manifest.items() if k != "plan"}
     if "plan" not in manifest:
-        return _dumps(head)
+        return dumps(head)
     shards = ",\n".join(json.dumps(s, separators=(",", ":"), allow_nan=False)
                         for s in manifest["plan"])
     text = json.dumps(head, indent=1, allow_nan=False)
@@ -103,52 +84,7 @@ def _manifest_bytes(manifest: dict) -> bytes:
     return text.encode()
 
 
-def _write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, _dumps(obj))
-
-
-def _read_json(uri: str) -> Any:
-    fs, path = _fs(uri)
-    try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"not found: {uri}") from None
-    return json.loads(data)
-
-
-def _rm_missing_ok(uri: str) -> None:
-    fs, path = _fs(uri)
-    try:
-        fs.rm_file(path)
-    except FileNotFoundError:
-        pass
-    fs.invalidate_cache(path)
-
-
-def _holder_is_dead(holder: dict[str, Any]) -> bool:
-    """True when the lock's holder ran on this host and its process is gone (a crash).
-
-    A re-run after a crash must not wait for the heartbeat to go stale; on other hosts we
-    cannot tell, so only the heartbeat decides there.
-    """
-    if holder.get("host") != socket.gethostname():
-        return False
-    try:
-        pid = int(holder.get("pid"))
-    except (TypeError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-class RunStore:
+class RunStore(RunLock):
     """Paths and small JSON records of one run under an output URI.
 
     The lock token lives on the instance: call :meth:`heartbeat` and :meth:`clear` on the
@@ -206,7 +142,7 @@ class RunStore:
     # ---- manifest ----------------------------------------------------------------------
     def exists(self) -> bool:
         """True when the run's manifest exists."""
-        fs, path = _fs(self.manifest_uri)
+        fs, path = fresh_fs(self.manifest_uri)
         return fs.exists(path)
 
     def write_manifest(self, manifest: dict) -> None:
@@ -214,7 +150,7 @@ class RunStore:
 
     def read_manifest(self) -> dict:
         try:
-            return _read_json(self.manifest_uri)
+            return read_json(self.manifest_uri)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"run {self.run_id!r} has no manifest at {self.manifest_uri}"
@@ -223,20 +159,20 @@ class RunStore:
     # ---- markers -----------------------------------------------------------------------
     def write_marker(self, shard: int, info: dict) -> None:
         """Mark a shard done (written last, after its Parquet); drops its failure marker."""
-        record = {"shard": _shard(shard), "finished_at": _now_iso(), **info}
-        _write_json(self.marker_uri(shard), record)
-        _rm_missing_ok(self.failed_uri(shard))
+        record = {"shard": _shard(shard), "finished_at": now_iso(), **info}
+        write_json(self.marker_uri(shard), record)
+        rm_missing_ok(self.failed_uri(shard))
 
     def write_failure(self, shard: int, error: str) -> None:
         """Record that a shard failed after its retries (``failed/shard-NNNNN.json``)."""
         record = {
             "shard": _shard(shard),
             "error": str(error),
-            "failed_at": _now_iso(),
+            "failed_at": now_iso(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }
-        _write_json(self.failed_uri(shard), record)
+        write_json(self.failed_uri(shard), record)
 
     def done_shards(self) -> set[int]:
         """Shard indices with a done marker (from the listing alone; no object reads)."""
@@ -247,7 +183,7 @@ class RunStore:
 
     def read_marker(self, shard: int) -> dict | None:
         """One shard's done marker, or None when it has none."""
-        fs, path = _fs(self.marker_uri(shard))
+        fs, path = fresh_fs(self.marker_uri(shard))
         try:
             return json.loads(fs.cat_file(path))
         except FileNotFoundError:
@@ -262,7 +198,7 @@ class RunStore:
 
     def parquet_sizes(self, dataset: str) -> dict[int, int]:
         """{shard index: bytes} of the run's Parquet files (one listing, no reads)."""
-        fs, path = _fs(self.scores_dir_uri(dataset))
+        fs, path = fresh_fs(self.scores_dir_uri(dataset))
         try:
             entries = fs.ls(path, detail=True)
         except FileNotFoundError:
@@ -306,9 +242,9 @@ class RunStore:
         Never overwrites: a retry that crashed after this step and runs again keeps the
         first copy, which is the attempt's true rows."""
         target = self.history_uri(shard, attempt)
-        fs, path = _fs(target)
+        fs, path = fresh_fs(target)
         if not fs.exists(path):
-            src_fs, src = _fs(self.scores_uri(dataset, shard))
+            src_fs, src = fresh_fs(self.scores_uri(dataset, shard))
             write_bytes(target, src_fs.cat_file(src))
         return target
 
@@ -319,7 +255,7 @@ class RunStore:
         millions of files): its temps are hidden from readers and are overwritten names."""
         removed: list[str] = []
         for uri in (self.run_uri, self.scores_dir_uri(dataset)):
-            fs, root = _fs(uri)
+            fs, root = fresh_fs(uri)
             if not is_local_fs(fs) or not os.path.isdir(root):
                 continue
             for folder, _dirs, names in os.walk(root):
@@ -333,235 +269,11 @@ class RunStore:
 
     def drop_marker(self, shard: int) -> None:
         """Remove a shard's done marker, so the next run redoes it."""
-        _rm_missing_ok(self.marker_uri(shard))
+        rm_missing_ok(self.marker_uri(shard))
 
     def remove_parquet(self, dataset: str, shard: int) -> None:
         """Remove a shard's Parquet file (a damaged one; drop its marker first)."""
-        _rm_missing_ok(self.scores_uri(dataset, shard))
-
-    # ---- lock --------------------------------------------------------------------------
-    @property
-    def holds_lock(self) -> bool:
-        return self._token is not None
-
-    def read_lock(self) -> dict | None:
-        """The current lock record, or None when there is none."""
-        try:
-            return _read_json(self.lock_uri)
-        except FileNotFoundError:
-            return None
-
-    def _new_lock_record(self, owner: str | None) -> dict[str, Any]:
-        host = socket.gethostname()
-        pid = os.getpid()
-        now = time.time()
-        since = _now_iso()
-        return {
-            "run_id": self.run_id,
-            "owner": owner or f"{host}:{pid}",
-            "host": host,
-            "pid": pid,
-            "token": uuid.uuid4().hex,
-            "since": since,
-            "heartbeat": since,
-            "heartbeat_ts": now,
-        }
-
-    def _locked_error(self, holder: dict[str, Any], age: float | None, stale_after_s: float):
-        age_s = "unknown" if age is None else f"{age:.0f}s ago"
-        return RunLockedError(
-            f"run {self.run_id!r} is locked by {holder.get('owner', '?')} "
-            f"(host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
-            f"since {holder.get('since', '?')}, last heartbeat {age_s}); lock: {self.lock_uri}. "
-            f"If that run is dead, the lock goes stale after {stale_after_s:.0f}s without a "
-            f"heartbeat, or delete the lock object.",
-            holder=holder,
-            lock_uri=self.lock_uri,
-        )
-
-    def acquire(self, owner: str | None = None, stale_after_s: float = 6 * 3600) -> dict:
-        """Take the run's lock; RunLockedError if another live run holds it.
-
-        A lock whose heartbeat is older than ``stale_after_s`` is taken over (a warning is
-        logged). Returns the lock record written.
-
-        Local disks: the lock file is created with ``O_CREAT | O_EXCL``, so two processes
-        cannot both create it; a stale lock is renamed aside (atomic) and checked to be the
-        stale one before a new one is created. Object stores: the lock is created with a
-        conditional PUT (``If-None-Match: *``; AWS S3, MinIO and moto honour it) and then
-        read back and its token compared, which also catches a store that ignores the
-        condition. Remaining race: two processes taking over the *same stale* lock on an
-        object store at the same moment may both read back their own token (PUT A, read A,
-        PUT B, read B); and a store that ignores the condition has the same window for a
-        fresh lock. Both need two starts of one run id within a request's latency. Staleness
-        compares wall clocks of different hosts, so keep ``stale_after_s`` far above skew.
-        """
-        if self._token is not None:
-            raise RuntimeError(f"{self!r} already holds its lock {self.lock_uri}")
-        fs, path = filesystem(self.lock_uri)
-        local = is_local_fs(fs)
-        for _attempt in range(3):
-            record = self._new_lock_record(owner)
-            data = _dumps(record)
-            if self._create_exclusive(fs, path, data, local):
-                if not local and not self._readback_ok(record["token"]):
-                    holder = self.read_lock() or {}
-                    raise self._locked_error(holder, _lock_age(holder), stale_after_s)
-                self._token, self._lock_record = record["token"], record
-                return record
-            holder = self._read_lock_retrying(fs, path)
-            if holder is None:
-                continue  # released meanwhile: try again
-            if holder.get("token") == record["token"]:
-                # our own PUT landed but its response was lost; the client's retry of it was
-                # refused by the condition: the lock is ours
-                self._token, self._lock_record = record["token"], record
-                return record
-            age = _lock_age(holder, fs=fs, path=path)
-            if age is not None and age <= stale_after_s and not _holder_is_dead(holder):
-                raise self._locked_error(holder, age, stale_after_s)
-            log.warning(
-                "taking over stale lock %s held by %s (host %s, pid %s, last heartbeat %s)",
-                self.lock_uri, holder.get("owner"), holder.get("host"), holder.get("pid"),
-                holder.get("heartbeat"),
-            )
-            if local:
-                if not self._remove_stale_local(path, holder):
-                    holder = self.read_lock() or holder
-                    raise self._locked_error(holder, _lock_age(holder), stale_after_s)
-                continue  # now create it exclusively
-            fs.pipe_file(path, data)
-            fs.invalidate_cache(path)
-            if not self._readback_ok(record["token"]):
-                holder = self.read_lock() or {}
-                raise self._locked_error(holder, _lock_age(holder), stale_after_s)
-            self._token, self._lock_record = record["token"], record
-            return record
-        holder = self.read_lock() or {}
-        raise self._locked_error(holder, _lock_age(holder), stale_after_s)
-
-    @staticmethod
-    def _create_exclusive(fs, path: str, data: bytes, local: bool) -> bool:
-        """Create ``path`` only if absent; False when it exists."""
-        if local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return True
-        fs.invalidate_cache(path)
-        try:
-            fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        except (TypeError, NotImplementedError):  # a backend without exclusive create
-            if fs.exists(path):
-                return False
-            fs.pipe_file(path, data)
-        fs.invalidate_cache(path)
-        return True
-
-    def _readback_ok(self, token: str) -> bool:
-        current = self.read_lock()
-        return bool(current) and current.get("token") == token
-
-    def _read_lock_retrying(self, fs, path: str) -> dict | None:
-        """Read an existing lock; a half-written local one is retried briefly."""
-        for _ in range(20):
-            try:
-                return _read_json(self.lock_uri)
-            except FileNotFoundError:
-                return None
-            except ValueError:  # being written (local O_EXCL create, then write)
-                time.sleep(0.05)
-        # Unreadable for a second: judge it by its modification time.
-        return {"owner": "unknown (unreadable lock)", "mtime": fs.modified(path).timestamp()}
-
-    def _remove_stale_local(self, path: str, stale: dict) -> bool:
-        """Move the stale lock aside atomically; False if a live one replaced it meanwhile."""
-        aside = f"{path}.stale-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return True  # someone else removed it; we race on the O_EXCL create next
-        try:
-            with open(aside, "rb") as fh:
-                moved = json.loads(fh.read() or b"{}")
-        except ValueError:
-            moved = {}
-        if moved.get("token") != stale.get("token"):
-            # We moved a fresh lock someone just created: put it back (no clobber).
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, path)
-            os.unlink(aside)
-            return False
-        os.unlink(aside)
-        return True
-
-    def release(self) -> None:
-        """Delete the lock if it is still ours (a taken-over lock is left alone)."""
-        token, self._token, self._lock_record = self._token, None, None
-        if token is None:
-            return
-        current = self.read_lock()
-        if current is None:
-            log.warning("lock %s was already gone at release", self.lock_uri)
-            return
-        if current.get("token") != token:
-            log.warning(
-                "lock %s was taken over by %s (host %s, pid %s); leaving it",
-                self.lock_uri, current.get("owner"), current.get("host"), current.get("pid"),
-            )
-            return
-        _rm_missing_ok(self.lock_uri)
-
-    def abandon(self) -> None:
-        """Give up the lock without deleting it: for a process that exits while work it
-        started may still write. The lock names this (dead) pid, so a run on this host
-        takes it over at once; elsewhere it goes stale."""
-        self._token, self._lock_record = None, None
-
-    @contextlib.contextmanager
-    def lock(
-        self, owner: str | None = None, stale_after_s: float = 6 * 3600
-    ) -> Iterator[dict]:
-        """``with store.lock(): ...`` acquires the run's lock and releases it on exit."""
-        record = self.acquire(owner=owner, stale_after_s=stale_after_s)
-        try:
-            yield record
-        finally:
-            self.release()
-
-    def heartbeat(self) -> None:
-        """Refresh the held lock's heartbeat; RunLockedError if it was taken over.
-
-        A no-op when this instance holds no lock (e.g. a run started without one).
-        """
-        if self._token is None or self._lock_record is None:
-            return
-        current = self.read_lock()
-        if current is None or current.get("token") != self._token:
-            holder = current or {}
-            self._token, self._lock_record = None, None
-            raise RunLockedError(
-                f"lost the lock of run {self.run_id!r} ({self.lock_uri}): "
-                + (
-                    f"now held by {holder.get('owner')} (host {holder.get('host')}, "
-                    f"pid {holder.get('pid')}, since {holder.get('since')})"
-                    if holder else "it was deleted"
-                ),
-                holder=holder,
-                lock_uri=self.lock_uri,
-            )
-        record = {**self._lock_record, "heartbeat": _now_iso(), "heartbeat_ts": time.time()}
-        _write_json(self.lock_uri, record)
-        self._lock_record = record
+        rm_missing_ok(self.scores_uri(dataset, shard))
 
     # ---- fresh start -------------------------------------------------------------------
     def clear(self, dataset: str, stale_after_s: float = 6 * 3600) -> None:
@@ -577,7 +289,7 @@ class RunStore:
         self._refuse_live_lock(stale_after_s)
         for uri in (self.done_uri, self.failed_dir_uri):
             _rm_tree(uri)
-        _rm_missing_ok(self.manifest_uri)
+        rm_missing_ok(self.manifest_uri)
         self._clear_run_records()
         for uri in (self.scores_dir_uri(dataset), self.enhanced_root_uri):
             _rm_tree(uri)
@@ -591,13 +303,13 @@ class RunStore:
             return
         holder = self.read_lock()
         if holder is not None:
-            age = _lock_age(holder)
+            age = lock_age(holder)
             if age is None or age <= stale_after_s:
                 raise self._locked_error(holder, age, stale_after_s)
 
     def _clear_run_records(self) -> None:
         """Everything left under ``runs/<run_id>/`` except the lock this instance holds."""
-        fs, run_path = _fs(self.run_uri)
+        fs, run_path = fresh_fs(self.run_uri)
         if not fs.exists(run_path):
             return
         _, lock_path = filesystem(self.lock_uri)
@@ -617,7 +329,7 @@ class RunStore:
 
 
 def _rm_tree(uri: str) -> None:
-    fs, path = _fs(uri)
+    fs, path = fresh_fs(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
     fs.invalidate_cache(path)
@@ -632,23 +344,9 @@ def _shard(shard: int) -> int:
     return shard
 
 
-def _lock_age(holder: dict, fs=None, path: str | None = None) -> float | None:
-    """Seconds since the lock's last heartbeat (None when unknown)."""
-    ts = holder.get("heartbeat_ts") or holder.get("mtime")
-    if ts is None and holder.get("heartbeat"):
-        try:
-            ts = datetime.fromisoformat(holder["heartbeat"]).timestamp()
-        except (TypeError, ValueError):
-            ts = None
-    if ts is None and fs is not None and path is not None:
-        with contextlib.suppress(Exception):
-            ts = fs.modified(path).timestamp()
-    return None if ts is None else max(0.0, time.time() - float(ts))
-
-
 def _list_shard_files(dir_uri: str, pattern: re.Pattern = _SHARD_JSON) -> dict[int, str]:
     """{shard index: path} of the ``shard-NNNNN.json`` (or ``pattern``) files in a folder."""
-    fs, path = _fs(dir_uri)
+    fs, path = fresh_fs(dir_uri)
     try:
         names = fs.ls(path, detail=False)
     except FileNotFoundError:
@@ -682,7 +380,7 @@ def _read_shard_files(dir_uri: str) -> dict[int, dict]:
 def list_run_ids(output_uri: str) -> list[str]:
     """Run ids under ``<out>/runs/`` that have a manifest, sorted."""
     runs_uri = join(output_uri, "runs")
-    fs, path = _fs(runs_uri)
+    fs, path = fresh_fs(runs_uri)
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
