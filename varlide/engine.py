@@ -49,6 +49,7 @@ import torch
 
 from varlide import allocator
 from varlide.config import Config
+from varlide.devices import resolve_device  # noqa: F401  (engine.resolve_device: callers')
 from varlide.imaging.decode import DecodedImage, DecodeError, decode_image, pixels_as_float
 from varlide.imaging.encode import encode_image
 from varlide.iqa.base import Metric, create_metric
@@ -122,16 +123,6 @@ class ShardResult:
             "worker": self.worker, "device": self.device, "stage_ms": self.stage_ms,
             "finished_at": datetime.now(UTC).isoformat(),
         }
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but CUDA is not available here")
-        return torch.device("cuda:0")
-    return torch.device(name)
 
 
 def worker_name() -> str:

@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from varlide import holdout
+from varlide.devices import resolve_device
 from varlide.models.base import autocast_for
 
 log = logging.getLogger(__name__)
@@ -416,12 +417,6 @@ def temperature_at(cfg: TrainConfig, step: int) -> float:
     return float(t0 * (t1 / t0) ** t)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -587,7 +582,7 @@ def train(
     cfg = config or TrainConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     started = time.perf_counter()
     data = _prepare_data(corpus_uri, cfg)
     model, loss_fn, opt = _build_training(cfg, device, data.prior)
