@@ -24,10 +24,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-LOWER_BETTER = {"piqe": True, "overexposed": True, "psnr": False, "ssim": False,
-                "in_band": False, "entropy": False, "sharpness": False}
-
-
 @dataclass
 class GateConfig:
     """When a candidate replaces the champion. Keys are ``<set>/<measure>``."""
@@ -78,9 +74,8 @@ class Decision:
 
 
 def lower_better(measure: str) -> bool:
+    """A gate measure's direction, from the measure's own metadata (one place decides)."""
     name = measure.rsplit("/", 1)[-1]
-    if name in LOWER_BETTER:
-        return LOWER_BETTER[name]
     from varlide.evaluation import measure_info
 
     info = measure_info(name)
