@@ -25,7 +25,7 @@ package folder, never downloaded): astronaut, chelsea, coffee, rocket and motorc
     OUT/degradations.json       each image's source, crop and degradation parameters
 
 Images are random crops of ``size`` (width, height) of a randomly rescaled photograph, cycling
-over the photographs (see ``_crop``); every 5th
+over the photographs (see ``random_crop``); every 5th
 image (index 4, 9, 14, ...) is a (256, 256) crop instead, so a demo corpus mixes two sizes and
 exercises the engine's batching by size.
 """
@@ -161,7 +161,7 @@ def degrade(
 
 
 @functools.lru_cache(maxsize=1)
-def _photos_uint8() -> tuple[tuple[str, np.ndarray], ...]:
+def photos_uint8() -> tuple[tuple[str, np.ndarray], ...]:
     import skimage.data
 
     folder = Path(skimage.data.__file__).parent
@@ -184,10 +184,10 @@ def _photos_uint8() -> tuple[tuple[str, np.ndarray], ...]:
 
 def source_photographs() -> dict[str, np.ndarray]:
     """The bundled colour photographs, (H, W, 3) float32 in [0, 1], by name (offline)."""
-    return {name: arr.astype(np.float32) / np.float32(255.0) for name, arr in _photos_uint8()}
+    return {name: arr.astype(np.float32) / np.float32(255.0) for name, arr in photos_uint8()}
 
 
-def _crop(
+def random_crop(
     photo: np.ndarray, size: tuple[int, int], rng: np.random.Generator
 ) -> tuple[np.ndarray, dict]:
     """A random (width, height) uint8 crop of a randomly rescaled photo.
@@ -229,7 +229,7 @@ def make_demo_corpus(
     size = (int(size[0]), int(size[1]))
     if min(size) < 1:
         raise ValueError(f"size: expected a positive (width, height), got {size}")
-    photos = _photos_uint8()
+    photos = photos_uint8()
     fs, base = filesystem(out_uri)
     for sub in ("lowlight", "reference"):
         fs.makedirs(join(base, sub), exist_ok=True)
@@ -240,7 +240,7 @@ def make_demo_corpus(
         rng = np.random.default_rng([seed, i])
         photo_name, photo = photos[i % len(photos)]
         crop_size = ODD_SIZE if i % ODD_EVERY == ODD_EVERY - 1 else size
-        clean_u8, crop_info = _crop(photo, crop_size, rng)
+        clean_u8, crop_info = random_crop(photo, crop_size, rng)
         clean = clean_u8.astype(np.float32) / np.float32(255.0)
         low, params = degrade(clean, rng)
 

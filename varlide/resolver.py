@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from varlide.iqa.files import PYIQA_FILES, metric_files
 from varlide.models.files import enhancer_files, enhancers_with_default_weights
+from varlide.priors import PRIORS
 from varlide.priors.clip_files import (
     SUPPORTED_CLIP_MODELS,
     clip_checkpoint,
-    clip_files,
-    parse_clip_model,
     registered_clip_checkpoints,
 )
 from varlide.weights import (
@@ -110,9 +109,10 @@ def requirements(cfg: Config, *, include_reference: bool = False,
 
         backend, model = resolve_auto_prior(cfg, trained_prior_of(cfg) if trained is None
                                             else trained)
-    if backend == "clip":
-        spec = parse_clip_model(model)
-        reqs += [Requirement(f, f"prior clip {spec.label}") for f in clip_files(spec)]
+    files_of = PRIORS.info(backend).get("files")  # a prior's files: its registry metadata
+    if files_of is not None:
+        label, files = files_of(model)
+        reqs += [Requirement(f, f"prior {backend} {label}") for f in files]
     names = list(cfg.metrics)
     if include_reference or cfg.reference:
         names += [m for m in cfg.reference_metrics if m not in names]

@@ -147,16 +147,16 @@ def paired_synthetic(
     and a prefix-stable function of ``seeds`` and ``crops_per_photo``. ``quantize``: the low
     image on the 8-bit grid (what a file holds; the clean crop is 8-bit anyway).
     """
-    from varlide.demo import _photos_uint8
+    from varlide.demo import photos_uint8
 
     if crops_per_photo < 1:
         raise ValueError(f"crops_per_photo: expected >= 1, got {crops_per_photo}")
     size = (int(size[0]), int(size[1]))
-    n_photos = len(_photos_uint8())
+    n_photos = len(photos_uint8())
     items = []
     for seed in seeds:
         for i in range(crops_per_photo * n_photos):
-            photo = _photos_uint8()[i % n_photos][0]
+            photo = photos_uint8()[i % n_photos][0]
             items.append(EvalItem(
                 f"s{int(seed)}-{i:04d}_{photo}",
                 (lambda s=int(seed), i=i: _synthetic_pair(s, i, size, quantize)),
@@ -170,11 +170,11 @@ def paired_synthetic(
 
 
 def _synthetic_pair(seed: int, index: int, size: tuple[int, int], quantize: bool):
-    from varlide.demo import _crop, _photos_uint8, degrade
+    from varlide.demo import degrade, photos_uint8, random_crop
 
-    photos = _photos_uint8()
+    photos = photos_uint8()
     rng = np.random.default_rng([seed, index])
-    clean_u8, _ = _crop(photos[index % len(photos)][1], size, rng)
+    clean_u8, _ = random_crop(photos[index % len(photos)][1], size, rng)
     clean = clean_u8.astype(np.float32) / np.float32(255.0)
     low, _ = degrade(clean, rng)
     return (_quantise(low) if quantize else low), clean

@@ -266,7 +266,13 @@ class ClipPrior(Prior):
         return PriorScores(visibility=torch.cat(vs).float(), blur=torch.cat(bs).float())
 
 
-@PRIORS.register("clip")
+def prior_files(model: str | None) -> tuple[str, list]:
+    """(label, files) a ``prior_model`` needs: the registry's ``files`` metadata."""
+    spec = parse_clip_model(model)
+    return spec.label, clip_files(spec)
+
+
+@PRIORS.register("clip", files=prior_files)
 def _make_clip(device: str | torch.device = "cpu", model: str | None = None,
                visibility_prompts: Any = None, blur_prompts: Any = None,
                precision: str = "auto", max_batch: int = 256) -> ClipPrior:
