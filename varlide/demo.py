@@ -45,7 +45,7 @@ from PIL import Image
 from scipy import ndimage
 
 from varlide.imaging.encode import encode_image
-from varlide.storage.uri import filesystem, join
+from varlide.storage.uri import join
 
 __all__ = [
     "Degradation",
@@ -230,9 +230,8 @@ def make_demo_corpus(
     if min(size) < 1:
         raise ValueError(f"size: expected a positive (width, height), got {size}")
     photos = photos_uint8()
-    fs, base = filesystem(out_uri)
-    for sub in ("lowlight", "reference"):
-        fs.makedirs(join(base, sub), exist_ok=True)
+    from varlide.storage.uri import write_bytes
+
 
     names: list[str] = []
     records: dict[str, dict] = {}
@@ -245,8 +244,8 @@ def make_demo_corpus(
         low, params = degrade(clean, rng)
 
         name = f"{i:04d}_{photo_name}.png"
-        fs.pipe_file(join(base, "lowlight", name), encode_image(low, "PNG"))
-        fs.pipe_file(join(base, "reference", name), encode_image(clean_u8, "PNG"))
+        write_bytes(join(out_uri, "lowlight", name), encode_image(low, "PNG"))
+        write_bytes(join(out_uri, "reference", name), encode_image(clean_u8, "PNG"))
         names.append(name)
         records[name] = {"source": photo_name, **crop_info, **dataclasses.asdict(params)}
 
@@ -258,9 +257,8 @@ def make_demo_corpus(
         "odd_size": {"every": ODD_EVERY, "size": list(ODD_SIZE)},
         "images": records,
     }
-    fs.pipe_file(
-        join(base, "degradations.json"), json.dumps(manifest, indent=1, sort_keys=True).encode()
-    )
+    write_bytes(join(out_uri, "degradations.json"),
+                json.dumps(manifest, indent=1, sort_keys=True).encode())
     return names
 
 

@@ -148,7 +148,7 @@ def newest_scored_images(output_uri: str, dataset: str, n: int) -> list[dict[str
 
 def stage_corpus(images: list[dict[str, Any]], dest: str) -> str:
     """Copy the images into ``dest`` by relative path (a clash gets a hash prefix)."""
-    from varlide.storage.uri import filesystem, join, safe_relpath
+    from varlide.storage.uri import filesystem, join, safe_relpath, write_bytes
 
     used: set[str] = set()
     for im in images:
@@ -159,9 +159,7 @@ def stage_corpus(images: list[dict[str, Any]], dest: str) -> str:
             rel = f"{head}/{h}-{tail}" if head else f"{h}-{tail}"
         used.add(rel)
         sfs, spath = filesystem(im["source_uri"])
-        dfs, dpath = filesystem(join(dest, rel))
-        dfs.makedirs(dpath.rsplit("/", 1)[0], exist_ok=True)
-        dfs.pipe_file(dpath, sfs.cat_file(spath))
+        write_bytes(join(dest, rel), sfs.cat_file(spath))
     return dest
 
 

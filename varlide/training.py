@@ -478,16 +478,14 @@ def _save_checkpoint(out_dir: str, step: int, model, opt, state: dict[str, Any],
                      extra: dict[str, Any]) -> str:
     from safetensors.torch import save
 
-    from varlide.storage.uri import filesystem, join
+    from varlide.storage.uri import join, write_bytes
 
     uri = join(out_dir, "checkpoints", _checkpoint_name(step))
     model.save_pretrained(uri, extra=extra)
     tensors, meta = _optimizer_tensors(opt)
-    fs, _ = filesystem(uri)
-    fs.pipe_file(filesystem(join(uri, "optimizer.safetensors"))[1], save(tensors))
+    write_bytes(join(uri, "optimizer.safetensors"), save(tensors))
     state = {**state, "optimizer": meta}
-    fs.pipe_file(filesystem(join(uri, "state.json"))[1],
-                 json.dumps(state, indent=1).encode())  # written last: the marker
+    write_bytes(join(uri, "state.json"), json.dumps(state, indent=1).encode())  # last: marker
     return uri
 
 

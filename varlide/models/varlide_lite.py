@@ -155,7 +155,6 @@ class Pretrained:
         returns the version (sha256 prefix) and sets ``self.version`` to it."""
         from safetensors.torch import save
 
-        from varlide.storage.uri import filesystem
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         data = save(state, metadata={"format": FORMAT, "enhancer": self.name})
@@ -169,11 +168,11 @@ class Pretrained:
             "sha256": digest,
             **(extra or {}),
         }
+        from varlide.storage.uri import join, write_bytes  # the one writer (temp + rename)
+
         out = str(out)
-        fs, base = filesystem(out)
-        fs.makedirs(base, exist_ok=True)
-        fs.pipe_file(_join(base, WEIGHTS_FILE), data)
-        fs.pipe_file(_join(base, CONFIG_FILE), json.dumps(meta, indent=1, sort_keys=True).encode())
+        write_bytes(join(out, WEIGHTS_FILE), data)
+        write_bytes(join(out, CONFIG_FILE), json.dumps(meta, indent=1, sort_keys=True).encode())
         self.version = digest[:12]
         self.pretrained_info = meta
         return self.version

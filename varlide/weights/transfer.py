@@ -145,10 +145,9 @@ def mirror(uri: str, reqs: Iterable[Requirement] = ()) -> list[Action]:
                                "(`varlide weights verify`)")
         _put(path, _join(uri, key))
         out.append(Action(key, _join(uri, key), "mirrored"))
-    from varlide.storage.uri import filesystem
+    from varlide.storage.uri import write_bytes
 
-    fs, p = filesystem(_join(uri, LOCK_NAME))
-    fs.pipe_file(p, (json.dumps(lock, indent=1, sort_keys=True) + "\n").encode())
+    write_bytes(_join(uri, LOCK_NAME), (json.dumps(lock, indent=1, sort_keys=True) + "\n").encode())
     return out
 
 def read_remote_lock(uri: str) -> dict[str, Any]:
