@@ -144,3 +144,20 @@ def test_a_new_backbone_is_one_registration(monkeypatch):
     halved = create_enhancer("classic-curve", backbone="halve")
     assert isinstance(halved.backbone, nn.Module)
     torch.testing.assert_close(halved.enhance(x, v, b).images, plain * 0.5)
+
+
+def test_a_backbone_gets_its_own_options_from_the_enhancer_config(monkeypatch):
+    from varlide.models.backbones import BACKBONES, IdentityBackbone
+    from varlide.models.varlide_lite import VarlideLite, VarlideLiteConfig
+
+    class Scaled(IdentityBackbone):
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor = factor
+
+    monkeypatch.setitem(BACKBONES._factories, "scaled",
+                        lambda factor=1.0, **_: Scaled(factor))
+    model = VarlideLite(VarlideLiteConfig(width=4, hidden=4, vgpm=False, backbone="scaled",
+                                          backbone_options={"factor": 0.25}))
+    assert isinstance(model.backbone, Scaled) and model.backbone.factor == 0.25
+    assert model.config.backbone_kwargs()["factor"] == 0.25  # saved with the weights

@@ -11,6 +11,8 @@ import in ``varlide/models/__init__.py``; enhancers build it by name with
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -47,9 +49,9 @@ def backbone_names() -> list[str]:
     return BACKBONES.names()
 
 
-def build_backbone(name: str, window: float = 1.5, strength: float = 1.0) -> nn.Module:
-    """The module for a backbone-slot name (:func:`backbone_names`); ``window`` and
-    ``strength`` are the denoiser's options, ignored by backbones without them."""
+def build_backbone(name: str, **options: Any) -> nn.Module:
+    """The module for a backbone-slot name (:func:`backbone_names`), given the slot's
+    options (a factory takes the keywords it knows and ignores the rest)."""
     if name not in backbone_names():
         raise ValueError(f"backbone must be one of {tuple(backbone_names())}, got {name!r}")
-    return BACKBONES.create(name, window=window, strength=strength)
+    return BACKBONES.create(name, **options)

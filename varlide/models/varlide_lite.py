@@ -43,7 +43,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -262,6 +262,13 @@ class VarlideLiteConfig:
     inference_downscale: float | None = None
     denoise_window: float = 1.5  # denoise: Gaussian sigma (px) of the local statistics
     denoise_strength: float = 1.0  # denoise: factor on the estimated noise
+    # any other backbone's options (keywords of its registered factory)
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """The slot's options: the denoiser's two fields, then ``backbone_options``."""
+        return {"window": self.denoise_window, "strength": self.denoise_strength,
+                **self.backbone_options}
 
 
 class VarlideLite(Pretrained, Enhancer):
@@ -323,7 +330,7 @@ class VarlideLite(Pretrained, Enhancer):
         """Put ``name`` in the backbone slot and record it in the config (what
         ``save_pretrained`` writes); the weights are unchanged (the slot has no parameters)."""
         c = dataclasses.replace(self.config, backbone=name)
-        self.backbone = build_backbone(name, c.denoise_window, c.denoise_strength)
+        self.backbone = build_backbone(name, **c.backbone_kwargs())
         self.config = c
         self._compiled = {}  # compiled routes captured the old slot
 
@@ -355,8 +362,7 @@ class VarlideLite(Pretrained, Enhancer):
         self.use_compile = bool(compile)
         self.downscale = downscale
         c = self.config
-        self.backbone = build_backbone(backbone or c.backbone, c.denoise_window,
-                                       c.denoise_strength)
+        self.backbone = build_backbone(backbone or c.backbone, **c.backbone_kwargs())
         self._compiled: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- training forward
