@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from varlide import holdout
 from varlide.devices import resolve_device
 from varlide.models.base import autocast_for
+from varlide.priors.analytic import LUMA_601
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,8 @@ def _decode_u8(data: bytes) -> np.ndarray | None:
 
 
 def _luma_mean(x: np.ndarray) -> float:
-    return float((x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114).mean())
+    r, g, b = LUMA_601  # the one Rec.601 definition (varlide.priors.analytic)
+    return float((x[..., 0] * r + x[..., 1] * g + x[..., 2] * b).mean())
 
 
 def _bin(mean: float) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from varlide import holdout
+from varlide.priors.analytic import LUMA_601
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ INPUT = "input"
 #: every image takes the full path (VICM then VGPM), as the ablations measure them.
 FULL_PATH: dict[str, Any] = {"skip_visibility": None, "full_blur": 0.0}
 
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_LUMA = np.array(LUMA_601, dtype=np.float32)  # the one Rec.601 definition
 
 
 # --------------------------------------------------------------------------- split
