@@ -681,7 +681,7 @@ def _resume(out_dir: str, cfg: TrainConfig, model, opt, device: torch.device) ->
         model._adopt(meta, {k: v.to(device) for k, v in weights.items()}, digest)
     if not found:
         return _Progress()
-    step0, uri = found[-1]
+    _, uri = found[-1]
     fs, p = filesystem(join(uri, "state.json"))
     state = json.loads(fs.cat_file(p))
     diff = _config_diff(state["config"], cfg.as_dict())

@@ -198,17 +198,9 @@ class RunStore(RunLock):
 
     def parquet_sizes(self, dataset: str) -> dict[int, int]:
         """{shard index: bytes} of the run's Parquet files (one listing, no reads)."""
-        fs, path = fresh_fs(self.scores_dir_uri(dataset))
-        try:
-            entries = fs.ls(path, detail=True)
-        except FileNotFoundError:
-            return {}
-        out: dict[int, int] = {}
-        for entry in entries:
-            m = _SHARD_PARQUET.match(entry["name"].rstrip("/").rsplit("/", 1)[-1])
-            if m and entry.get("type") != "directory":
-                out[int(m.group(1))] = int(entry.get("size") or 0)
-        return out
+        entries = _list_shard_entries(self.scores_dir_uri(dataset), _SHARD_PARQUET)
+        return {i: int(e.get("size") or 0) for i, e in entries.items()
+                if e.get("type") != "directory"}
 
     def check_done(self, dataset: str,
                    markers: dict[int, dict] | None = None) -> DoneCheck:
@@ -344,19 +336,25 @@ def _shard(shard: int) -> int:
     return shard
 
 
-def _list_shard_files(dir_uri: str, pattern: re.Pattern = _SHARD_JSON) -> dict[int, str]:
-    """{shard index: path} of the ``shard-NNNNN.json`` (or ``pattern``) files in a folder."""
+def _list_shard_entries(dir_uri: str, pattern: re.Pattern = _SHARD_JSON) -> dict[int, dict]:
+    """{shard index: listing entry (name, size, type)} of the ``shard-NNNNN.json`` (or
+    ``pattern``) files in a folder: one listing."""
     fs, path = fresh_fs(dir_uri)
     try:
-        names = fs.ls(path, detail=False)
+        entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return {}
-    out: dict[int, str] = {}
-    for name in names:
-        m = pattern.match(name.rstrip("/").rsplit("/", 1)[-1])
+    out: dict[int, dict] = {}
+    for entry in entries:
+        m = pattern.match(entry["name"].rstrip("/").rsplit("/", 1)[-1])
         if m:
-            out[int(m.group(1))] = name
+            out[int(m.group(1))] = entry
     return out
+
+
+def _list_shard_files(dir_uri: str, pattern: re.Pattern = _SHARD_JSON) -> dict[int, str]:
+    """{shard index: path} of the ``shard-NNNNN.json`` (or ``pattern``) files in a folder."""
+    return {i: e["name"] for i, e in _list_shard_entries(dir_uri, pattern).items()}
 
 
 def _read_shard_files(dir_uri: str) -> dict[int, dict]:
