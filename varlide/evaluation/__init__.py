@@ -27,6 +27,15 @@ bounded whatever the folder's size):
   luma, reported overall and by brightness band of the input (:data:`BANDS`).
 - :meth:`EvalSet.from_arrays`: in-memory arrays (tests, notebooks).
 
+Degradation presets (:data:`DEGRADATIONS`; ``degradation=`` of :func:`paired_synthetic` and
+:func:`paired_from_folder`, ``plan_sets(..., degradations=[...])``) isolate each part of
+the model, so an ablation can tell what a denoiser, a deblurring stage and a tone curve each
+do: ``all`` (the demo corpus, unchanged), ``dark`` (gamma and exposure only), ``blur``
+(motion blur only, length drawn from :data:`BLUR_LENGTHS`, 5..21 px), ``noise``
+(Poisson-Gaussian noise only) and ``sharp`` (none: input = reference). Every degraded item's
+``meta`` holds the applied parameters, known without loading pixels; :func:`true_kernel`
+gives its blur kernel (the ground truth of kernel similarity).
+
 Held-out images: the trainer's, by the one rule in :mod:`varlide.holdout` (content hash,
 5 %, at most 48), so no image evaluated as held out was trained on.
 
@@ -85,6 +94,8 @@ from varlide.evaluation.planning import (
 from varlide.evaluation.sets import (
     ALL,
     BANDS,
+    BLUR_LENGTHS,
+    DEGRADATIONS,
     FULL_PATH,
     INPUT,
     MODERATE,
@@ -96,20 +107,22 @@ from varlide.evaluation.sets import (
     EvalSet,
     brightness_band,
     default_sets,
+    degradation_overrides,
     paired_folders,
     paired_from_folder,
     paired_synthetic,
+    true_kernel,
     unpaired_folder,
 )
 from varlide.evaluation.ssim import SeparableSSIM
 from varlide.evaluation.tables import DIGITS, format_table, measure_info
 
 __all__ = [
-    "ALL", "BANDS", "DEFAULT_ENHANCERS", "DEFAULT_MAX_SIDE", "DIGITS", "FULL_PATH", "INPUT",
-    "MODERATE", "PAIRED_METRICS", "SYNTHETIC", "SYNTHETIC_SIDE", "TARGET_BAND",
-    "UNPAIRED_METRICS", "WELL_EXPOSED", "EvalItem", "EvalRunConfig", "EvalSet", "SeparableSSIM",
-    "brightness_band", "default_sets", "evaluate", "format_table", "full_path", "load_enhancer",
-    "measure", "measure_info", "paired_folders", "paired_from_folder", "paired_synthetic",
-    "parse_enhancers", "plan_metrics", "plan_sets", "sets_from_plan", "summarize",
-    "summary_metrics", "unpaired_folder",
+    "ALL", "BANDS", "BLUR_LENGTHS", "DEFAULT_ENHANCERS", "DEFAULT_MAX_SIDE", "DEGRADATIONS",
+    "DIGITS", "FULL_PATH", "INPUT", "MODERATE", "PAIRED_METRICS", "SYNTHETIC", "SYNTHETIC_SIDE",
+    "TARGET_BAND", "UNPAIRED_METRICS", "WELL_EXPOSED", "EvalItem", "EvalRunConfig", "EvalSet",
+    "SeparableSSIM", "brightness_band", "default_sets", "degradation_overrides", "evaluate",
+    "format_table", "full_path", "load_enhancer", "measure", "measure_info", "paired_folders",
+    "paired_from_folder", "paired_synthetic", "parse_enhancers", "plan_metrics", "plan_sets",
+    "sets_from_plan", "summarize", "summary_metrics", "true_kernel", "unpaired_folder",
 ]

@@ -16,6 +16,7 @@ from varlide.evaluation.sets import (
     PAIRED_METRICS,
     UNPAIRED_METRICS,
     EvalSet,
+    degradation_overrides,
     paired_folders,
     paired_synthetic,
     unpaired_folder,
@@ -78,6 +79,7 @@ def plan_sets(
     seeds: int = 1,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    degradations: Sequence[str] | str = ("all",),
 ) -> list[dict[str, Any]]:
     """The sets of ``varlide eval INPUT [--reference URI]`` as JSON-able specs, with the
     images chosen now (:func:`sets_from_plan` builds them, so every enhancer is measured on
@@ -93,6 +95,11 @@ def plan_sets(
     are area-downscaled to this long side (0 or None: as stored). Raises
     ``FileNotFoundError`` for a missing folder and ``ValueError`` for an empty one, a
     reference folder without a single matching name, or a bad count.
+
+    ``degradations``: synthetic only, one set per :data:`~varlide.evaluation.sets.DEGRADATIONS`
+    preset (a list or ``'all,blur'``; sets ``synthetic``, ``synthetic-blur``, ...; the same
+    crops in each), so an ablation sees what each stage fixes; an unknown preset raises
+    ``ValueError``.
     """
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images: expected >= 1, got {max_images}")
@@ -101,6 +108,7 @@ def plan_sets(
     if max_side is not None and max_side < 0:
         raise ValueError(f"max_side: expected >= 0 (0: as stored), got {max_side}")
     max_side = max_side or None
+    presets = _plan_degradations(degradations, input_uri)
     if input_uri == SYNTHETIC:
         if reference_uri:
             raise ValueError("INPUT 'synthetic' makes its own references; --reference is for "
@@ -108,8 +116,9 @@ def plan_sets(
         side = min(max_side or SYNTHETIC_SIDE, SYNTHETIC_SIDE)
         if side < 16:
             raise ValueError(f"max_side: synthetic crops need at least 16 px, got {side}")
-        return [{"kind": "synthetic", "name": SYNTHETIC, "seeds": list(range(seeds)),
-                 "crops_per_photo": 2, "size": [side, side], "limit": max_images}]
+        return [{"kind": "synthetic", "name": SYNTHETIC if d == "all" else f"{SYNTHETIC}-{d}",
+                 "degradation": d, "seeds": list(range(seeds)), "crops_per_photo": 2,
+                 "size": [side, side], "limit": max_images} for d in presets]
     if reference_uri:
         s = paired_folders(input_uri, reference_uri, limit=max_images, max_side=max_side,
                            include=include, exclude=exclude)
@@ -125,6 +134,20 @@ def plan_sets(
     return [spec]
 
 
+def _plan_degradations(degradations: Sequence[str] | str, input_uri: str) -> list[str]:
+    """The distinct presets asked for (``'a,b'`` or a sequence), checked: known, and other
+    than ``all`` only for INPUT ``synthetic`` (a folder is not degraded)."""
+    if isinstance(degradations, str):
+        degradations = degradations.split(",")
+    presets = list(dict.fromkeys(d.strip() for d in degradations))
+    for d in presets:
+        degradation_overrides(d)  # ValueError naming the known presets
+    if not presets or (input_uri != SYNTHETIC and presets != ["all"]):
+        raise ValueError(f"degradations: one or more presets, and only 'all' unless INPUT is "
+                         f"{SYNTHETIC!r} (a folder is not degraded), got {presets}")
+    return presets
+
+
 def sets_from_plan(plan: Sequence[Mapping[str, Any]]) -> list[EvalSet]:
     """The :class:`EvalSet` of each spec of :func:`plan_sets` (images loaded lazily)."""
     sets = []
@@ -133,7 +156,8 @@ def sets_from_plan(plan: Sequence[Mapping[str, Any]]) -> list[EvalSet]:
         if kind == "synthetic":
             s = paired_synthetic(seeds=tuple(spec["seeds"]),
                                  crops_per_photo=int(spec["crops_per_photo"]),
-                                 size=tuple(spec["size"]), name=spec["name"])
+                                 size=tuple(spec["size"]), name=spec["name"],
+                                 degradation=spec.get("degradation", "all"))
             if spec.get("limit") and spec["limit"] < len(s.items):
                 s.items = s.items[: spec["limit"]]
                 s.description += f", first {spec['limit']} images"

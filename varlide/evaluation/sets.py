@@ -3,17 +3,22 @@ images by brightness band, and the default sets (the trainer's held-out images).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from varlide import holdout
 from varlide.priors.analytic import LUMA_601
+
+if TYPE_CHECKING:
+    from varlide.demo import Degradation
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +138,111 @@ def _quantise(x: np.ndarray) -> np.ndarray:
     return to_uint8(x).astype(np.float32) / np.float32(255.0)
 
 
+# --------------------------------------------------------------------------- degradations
+
+#: The "off" value of each :class:`varlide.demo.Degradation` parameter, by part of the model.
+_OFF: dict[str, dict[str, float]] = {
+    "darkening": {"gamma": 1.0, "exposure": 1.0},
+    "motion blur": {"kernel_length": 1},
+    "sensor noise": {"noise_sigma": 0.0, "shot_noise": 0.0},
+}
+#: Blur lengths (px) of the ``blur`` preset: the demo draws 1..15 px and a third nearly sharp
+#: (1..3), so a "well-lit, motion-blurred" set draws its length from these instead.
+BLUR_LENGTHS: tuple[int, ...] = (5, 7, 9, 11, 13, 15, 17, 19, 21)
+#: Degradation presets of the synthetic sets, as :func:`varlide.demo.degrade` overrides:
+#: each isolates one part of the model, so an ablation can tell what a denoiser, a deblurring
+#: stage and a tone curve each fix. ``all`` is the demo corpus (no override); a tuple value
+#: is drawn uniformly from its values with one ``rng.integers`` draw, after the parameter
+#: draws of ``degrade`` (see ``_applied``); every other value replaces the draw.
+DEGRADATIONS: dict[str, dict[str, Any]] = {
+    "all": {},
+    "dark": {**_OFF["motion blur"], **_OFF["sensor noise"]},
+    "blur": {**_OFF["darkening"], **_OFF["sensor noise"], "kernel_length": BLUR_LENGTHS},
+    "noise": {**_OFF["darkening"], **_OFF["motion blur"]},
+    "sharp": {**_OFF["darkening"], **_OFF["motion blur"], **_OFF["sensor noise"]},
+}
+
+
+def degradation_overrides(
+    degradation: str, kernel_lengths: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """The overrides of a :data:`DEGRADATIONS` preset, ``kernel_lengths`` replacing the blur
+    lengths of a preset that draws them (``blur``); ``ValueError`` naming the known presets."""
+    if degradation not in DEGRADATIONS:
+        raise ValueError(f"degradation: unknown preset {degradation!r}; known: "
+                         f"{', '.join(DEGRADATIONS)}")
+    overrides = dict(DEGRADATIONS[degradation])
+    if kernel_lengths is not None:
+        if not isinstance(overrides.get("kernel_length"), tuple):
+            raise ValueError(f"kernel_lengths: preset {degradation!r} does not draw a blur "
+                             "length; only 'blur' does")
+        lengths = tuple(int(v) for v in kernel_lengths)
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"kernel_lengths: expected lengths >= 1, got {kernel_lengths}")
+        overrides["kernel_length"] = lengths
+    return overrides
+
+
+def _parts(overrides: dict[str, Any]) -> str:
+    """Which parts of the model a preset leaves on, for a set's description."""
+    on = []
+    for part, off in _OFF.items():
+        if any(overrides.get(k, "drawn") != v for k, v in off.items()):
+            lengths = overrides.get("kernel_length")
+            on.append(f"{part} {list(lengths)} px" if part == "motion blur"
+                      and isinstance(lengths, tuple) else part)
+    return " + ".join(on) if on else "none: input = clean reference"
+
+
+def _applied(rng: np.random.Generator, overrides: dict[str, Any]) -> Degradation:
+    """The :class:`~varlide.demo.Degradation` that ``degrade(clean, rng, **asdict(it))``
+    applies, drawn from a copy of ``rng`` exactly as ``degrade`` draws (``rng`` itself is not
+    moved, so preset ``all`` gives today's pixels): known without the pixels, for ``meta``."""
+    from varlide.demo import _draw
+
+    probe = copy.deepcopy(rng)
+    drawn = {k: v for k, v in overrides.items() if isinstance(v, tuple)}
+    params = dataclasses.replace(_draw(probe), **{k: v for k, v in overrides.items()
+                                                   if k not in drawn})
+    for key, values in drawn.items():  # after _draw's fixed number of draws
+        setattr(params, key, values[int(probe.integers(len(values)))])
+    params.kernel_length = int(params.kernel_length)
+    return params
+
+
+def _degraded(
+    clean: np.ndarray, rng: np.random.Generator, params: Degradation, quantize: bool
+) -> np.ndarray:
+    """``clean`` degraded with exactly ``params`` (noise from ``rng``), 8-bit if ``quantize``."""
+    from varlide.demo import degrade
+
+    low, _ = degrade(clean, rng, **dataclasses.asdict(params))
+    return _quantise(low) if quantize else low
+
+
+def true_kernel(item: EvalItem) -> np.ndarray:
+    """The motion-blur kernel applied to a degraded item's input, from its ``meta`` (no
+    pixels loaded): the ground truth a deblurring benchmark compares an estimate with."""
+    from varlide.demo import motion_blur_kernel
+
+    if "kernel_length" not in item.meta or "kernel_angle" not in item.meta:
+        raise ValueError(f"item {item.id!r} carries no blur kernel in its meta (only the "
+                         "degraded sets paired_synthetic / paired_from_folder do)")
+    return motion_blur_kernel(item.meta["kernel_length"], item.meta["kernel_angle"])
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
 def paired_synthetic(
     seeds: Sequence[int] = (0, 1, 2),
     crops_per_photo: int = 2,
     size: tuple[int, int] = (256, 256),
     quantize: bool = True,
-    name: str = "synthetic",
+    name: str | None = None,
+    *,
+    degradation: str = "all",
+    kernel_lengths: Sequence[int] | None = None,
 ) -> EvalSet:
     """(low, clean) pairs from the bundled scikit-image photographs (``source_photographs``).
 
@@ -147,38 +251,62 @@ def paired_synthetic(
     random ``size`` (width, height) crop, then :func:`varlide.demo.degrade`). Deterministic,
     and a prefix-stable function of ``seeds`` and ``crops_per_photo``. ``quantize``: the low
     image on the 8-bit grid (what a file holds; the clean crop is 8-bit anyway).
+
+    ``degradation``: a :data:`DEGRADATIONS` preset (``all``: the demo corpus; ``dark``,
+    ``blur``, ``noise``: that part only; ``sharp``: none), the same crops and ids in every
+    preset; ``kernel_lengths``: the ``blur`` preset's lengths (default :data:`BLUR_LENGTHS`).
+    ``name`` defaults to ``synthetic`` (``synthetic-<preset>`` for another preset). Each
+    item's ``meta`` holds its crop and the applied parameters (:func:`true_kernel`); the
+    crops are made once here for that (``random_crop``'s draws depend on the pixels).
     """
     from varlide.demo import photos_uint8
 
     if crops_per_photo < 1:
         raise ValueError(f"crops_per_photo: expected >= 1, got {crops_per_photo}")
+    overrides = degradation_overrides(degradation, kernel_lengths)
     size = (int(size[0]), int(size[1]))
     n_photos = len(photos_uint8())
     items = []
-    for seed in seeds:
+    for seed in (int(s) for s in seeds):
         for i in range(crops_per_photo * n_photos):
             photo = photos_uint8()[i % n_photos][0]
+            _, crop, rng = _synthetic_crop(seed, i, size)
+            params = _applied(rng, overrides)
             items.append(EvalItem(
-                f"s{int(seed)}-{i:04d}_{photo}",
-                (lambda s=int(seed), i=i: _synthetic_pair(s, i, size, quantize)),
-                {"source": photo, "seed": int(seed), "index": i},
+                f"s{seed}-{i:04d}_{photo}",
+                (lambda s=seed, i=i, p=params: _synthetic_pair(s, i, size, p, quantize)),
+                {"source": photo, "seed": seed, "index": i, "degradation": degradation,
+                 **crop, **dataclasses.asdict(params)},
             ))
     return EvalSet(
-        name, True, items,
-        description=f"demo-corpus degradations of {n_photos} photographs x {crops_per_photo} "
-                    f"crops x {len(seeds)} seeds at {size[0]}x{size[1]}",
+        name or _preset_name("synthetic", degradation), True, items,
+        description=f"demo-corpus degradations ({_parts(overrides)}) of {n_photos} "
+                    f"photographs x {crops_per_photo} crops x {len(seeds)} seeds at "
+                    f"{size[0]}x{size[1]}",
     )
 
 
-def _synthetic_pair(seed: int, index: int, size: tuple[int, int], quantize: bool):
-    from varlide.demo import degrade, photos_uint8, random_crop
+def _preset_name(base: str, degradation: str) -> str:
+    return base if degradation == "all" else f"{base}-{degradation}"
+
+
+def _synthetic_crop(seed: int, index: int, size: tuple[int, int]):
+    """Image ``(seed, index)``'s clean uint8 crop, its crop info, and its rng where
+    ``degrade`` starts drawing (after ``random_crop``'s pixel-dependent number of draws)."""
+    from varlide.demo import photos_uint8, random_crop
 
     photos = photos_uint8()
     rng = np.random.default_rng([seed, index])
-    clean_u8, _ = random_crop(photos[index % len(photos)][1], size, rng)
+    clean_u8, info = random_crop(photos[index % len(photos)][1], size, rng)
+    return clean_u8, info, rng
+
+
+def _synthetic_pair(
+    seed: int, index: int, size: tuple[int, int], params: Degradation, quantize: bool
+):
+    clean_u8, _, rng = _synthetic_crop(seed, index, size)
     clean = clean_u8.astype(np.float32) / np.float32(255.0)
-    low, _ = degrade(clean, rng)
-    return (_quantise(low) if quantize else low), clean
+    return _degraded(clean, rng, params, quantize), clean
 
 
 def _read_image(uri: str, max_side: int | None = None) -> np.ndarray:
@@ -252,6 +380,8 @@ def paired_from_folder(
     limit: int | None = 24,
     quantize: bool = True,
     name: str | None = None,
+    degradation: str = "all",
+    kernel_lengths: Sequence[int] | None = None,
 ) -> EvalSet:
     """Well-exposed images of a folder as pseudo-references, degraded like the demo corpus.
 
@@ -261,33 +391,33 @@ def paired_from_folder(
     JPEG artefacts away; None = full size); ``limit``: at most this many references (a
     deterministic subset, see ``_select``). Each reference is degraded once per seed with
     ``np.random.default_rng([seed, h])``, ``h`` a hash of its relative path.
+    ``degradation`` / ``kernel_lengths``: a :data:`DEGRADATIONS` preset, as
+    :func:`paired_synthetic` (the name gets ``-<preset>`` unless ``all``); ``meta`` holds
+    the applied parameters (:func:`true_kernel`).
     """
     from varlide.storage.uri import join
 
+    overrides = degradation_overrides(degradation, kernel_lengths)
     chosen = _select(uri, rel_paths, brightness, limit, max_side)
     items = []
-    for seed in seeds:
+    for seed in (int(s) for s in seeds):
         for rel, y in chosen:
             key = int(_path_fraction(rel, 0) * 2**32)
+            params = _applied(np.random.default_rng([seed, key]), overrides)
 
-            def load(src=join(uri, rel), s=int(seed), key=key):
+            def load(src=join(uri, rel), s=seed, key=key, p=params):
                 clean = _read_image(src, max_side)
-                low, _ = _degrade(clean, np.random.default_rng([s, key]))
-                return (_quantise(low) if quantize else low), clean
+                return _degraded(clean, np.random.default_rng([s, key]), p, quantize), clean
 
-            items.append(EvalItem(f"s{int(seed)}-{rel}", load,
-                                  {"source": rel, "seed": int(seed), "ref_brightness": y}))
+            items.append(EvalItem(f"s{seed}-{rel}", load,
+                                  {"source": rel, "seed": seed, "ref_brightness": y,
+                                   "degradation": degradation, **dataclasses.asdict(params)}))
     return EvalSet(
-        name or _default_name(uri, "paired"), True, items,
+        name or _preset_name(_default_name(uri, "paired"), degradation), True, items,
         description=f"{len(chosen)} images of {uri} with mean luma in {brightness} as "
-                    f"references, x {len(seeds)} seeds, long side {max_side}",
+                    f"references, degraded ({_parts(overrides)}), x {len(seeds)} seeds, "
+                    f"long side {max_side}",
     )
-
-
-def _degrade(clean: np.ndarray, rng: np.random.Generator):
-    from varlide.demo import degrade
-
-    return degrade(clean, rng)
 
 
 def paired_folders(
