@@ -39,11 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from varlide.models.denoise import gaussian_blur, noise_sigma
+from varlide.priors.analytic import LUMA_601
 
 #: What the gate decided, per image: not attempted (the blur prior said sharp), no blur in
 #: the kernel, the deconvolution did not sharpen, it rang, or it replaced the input.
 DECISIONS = ("off", "no-blur", "no-gain", "ringing", "applied")
-_LUMA = (0.299, 0.587, 0.114)
+_LUMA = LUMA_601  # the one Rec.601 definition
 
 
 @dataclass(frozen=True)
