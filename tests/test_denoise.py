@@ -89,15 +89,15 @@ def test_varlide_lite_backbone_config_version_and_override(tmp_path):
     model = VarlideLite(VarlideLiteConfig(vgpm=False, backbone="denoise", **TINY))
     version = model.save_pretrained(tmp_path / "w")
     sha = model.weights_version
-    assert version == model.version == f"{sha}+denoise-w1.5-k1" and len(sha) == 12
+    assert version == model.version == f"{sha}+denoise-w1.5-k1+hl" and len(sha) == 12
     assert json.loads((tmp_path / "w" / "config.json").read_text())["model"]["backbone"] == \
         "denoise"
     full = dict(skip_visibility=None, full_blur=0.0)
     loaded = create_enhancer("varlide-lite", weights=str(tmp_path / "w"), **full)
-    assert loaded.version == f"{sha}+denoise-w1.5-k1" and loaded.weights_version == sha
+    assert loaded.version == f"{sha}+denoise-w1.5-k1+hl" and loaded.weights_version == sha
     plain = create_enhancer("varlide-lite", weights=str(tmp_path / "w"), backbone="identity",
                             **full)
-    assert plain.version == sha
+    assert plain.version == f"{sha}+hl"
     g = torch.Generator().manual_seed(2)
     x = (0.08 * _scene(48, 64) + 0.01 * torch.randn(1, 3, 48, 64, generator=g)).clamp(0, 1)
     v, b = torch.tensor([0.02]), torch.tensor([0.3])

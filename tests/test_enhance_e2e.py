@@ -95,7 +95,7 @@ def test_end_to_end_local_and_s3(backend, tmp_path, mlflow_sqlite, request):
     shipped = json.loads((default_weights_dir("varlide-lite") / "config.json").read_text())
     # the shipped weights run the backbone slot's denoiser, and the version says so
     assert shipped["model"]["backbone"] == "denoise"
-    assert set(df["enhancer_version"]) == {f"{shipped['sha256'][:12]}+ds4+denoise-w1.5-k1"}
+    assert set(df["enhancer_version"]) == {f"{shipped['sha256'][:12]}+ds4+denoise-w1.5-k1+hl"}
     assert set(df["route"]) <= {"skip", "curve"}  # shipped weights are VICM only: never 'full'
     assert df["sha256"].str.len().eq(64).all()
     # schema is the run's fixed schema, in order
@@ -272,8 +272,8 @@ def test_backbone_option_is_in_the_run_id_and_the_rows(tmp_path, mlflow_sqlite):
         runs[name]["pixels"] = [np.asarray(Image.open(u), dtype=np.int16)
                                 for u in df["enhanced_uri"]]
     assert runs["denoise"]["run_id"] != runs["identity"]["run_id"]
-    assert runs["identity"]["version"] == {f"{shipped['sha256'][:12]}+ds4"}
-    assert runs["denoise"]["version"] == {f"{shipped['sha256'][:12]}+ds4+denoise-w1.5-k1"}
+    assert runs["identity"]["version"] == {f"{shipped['sha256'][:12]}+ds4+hl"}
+    assert runs["denoise"]["version"] == {f"{shipped['sha256'][:12]}+ds4+denoise-w1.5-k1+hl"}
     diffs = [np.abs(a - b).mean() for a, b in zip(runs["denoise"]["pixels"],
                                                   runs["identity"]["pixels"], strict=True)]
     assert all(d > 0.1 for d in diffs), diffs

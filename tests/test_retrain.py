@@ -180,7 +180,7 @@ def test_registry_pyfunc_and_models_uri(registry_env, tmp_path, capsys):
     from varlide.resolver import local_weights  # models:/ is resolved above the models
 
     enh = create_enhancer("varlide-lite", weights=local_weights(uri))  # via the registry
-    assert enh.version == json.loads((tmp_path / "w" / "config.json").read_text())[
+    assert enh.weights_version == json.loads((tmp_path / "w" / "config.json").read_text())[
         "sha256"][:12]
     files = model_files.enhancer_files("varlide-lite", local_weights(uri))  # into the cache
     assert files and all(f.path().is_file() for f in files)

@@ -115,7 +115,7 @@ def test_varlide_lite_workspace_does_not_change_outputs():
     banded = model.enhance(x, v, b)
     assert (banded.images - whole.images).abs().max() < BAND_ATOL
     assert torch.equal(banded.n_iter, whole.n_iter)
-    assert model.version.endswith("+ds4+denoise-w1.5-k1")
+    assert model.version.endswith("+ds4+denoise-w1.5-k1+hl")
 
 
 def test_analytic_measures_in_row_bands_equal_whole_frame_formulas(monkeypatch):

@@ -57,7 +57,7 @@ def test_trains_checkpoints_and_final_weights(corpus, tmp_path):
     meta = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
     assert meta["training"]["steps"] == 6 and meta["training"]["config"]["crop"] == 32
     # trained with the backbone slot empty, the final weights name the denoiser (as shipped)
-    assert meta["model"]["backbone"] == "denoise" and r.version.endswith("+denoise-w1.5-k1")
+    assert meta["model"]["backbone"] == "denoise" and r.version.endswith("+denoise-w1.5-k1+hl")
     ckpt = json.loads((tmp_path / "out" / "checkpoints" / "step-0000006" / "config.json")
                       .read_text())
     assert ckpt["model"]["backbone"] == "identity"
