@@ -56,7 +56,10 @@ class DeblurSettings:
     crop: int = 320  # the estimation window (px, at the estimation scale)
     iterations: int = 4  # latent/kernel alternations per level
     keep_top: float = 0.0  # >0: only the top keep_top * size * sqrt(N) latent edges vote
-    lam: float = 4e-3  # L0 weight of the latent step (decays 0.9x per alternation)
+    lam: float = 4e-3  # L0 weight of the latent step at the coarsest level
+    lam_level_decay: float = 0.8  # each finer level starts at lam x this^level
+    lam_decay: float = 0.9  # and decays by this per alternation within the level
+    kernel_floor: float = 0.1  # kernel values under this x the peak are dropped
     gamma: float = 2.0  # kernel Tikhonov weight (Pan et al.'s 2)
     mu: float = 3e-4  # deconvolution regulariser (TV weight)
     mu_noise: float = 8.0  # mu += mu_noise * sigma^2 (noisier frames: smoother inverse)
@@ -146,7 +149,7 @@ def l0_latent(y: torch.Tensor, otf: torch.Tensor, lam: float, beta_max: float = 
 
 def estimate_kernel_step(x: torch.Tensor, y: torch.Tensor, size: int, gamma: float,
                          mask: torch.Tensor | None = None, cg_steps: int = 20,
-                         keep_top: float = 0.0) -> torch.Tensor:
+                         keep_top: float = 0.0, floor: float = 0.05) -> torch.Tensor:
     """``argmin_k ||grad x * k - grad y||^2 + gamma ||k||^2`` over ``size`` x ``size``
     kernels, on (B, H, W) images, by conjugate gradients on the support (Pan et al.'s
     solver; an unconstrained FFT solve cropped afterwards gives diffuse kernels), then made
@@ -186,7 +189,7 @@ def estimate_kernel_step(x: torch.Tensor, y: torch.Tensor, size: int, gamma: flo
         rr_new = res.square().sum(dim=(1, 2), keepdim=True)
         d = res + (rr_new / rr.clamp_min(1e-20)) * d
         rr = rr_new
-    return _main_component(normalise_kernel(k))
+    return _main_component(normalise_kernel(k, floor))
 
 
 def normalise_kernel(k: torch.Tensor, floor: float = 0.05) -> torch.Tensor:
@@ -202,7 +205,9 @@ def normalise_kernel(k: torch.Tensor, floor: float = 0.05) -> torch.Tensor:
 def resize_kernel(k: torch.Tensor, size: int) -> torch.Tensor:
     if k.shape[-1] == size:
         return k
-    up = F.interpolate(k[:, None], size=(size, size), mode="bilinear", align_corners=True)
+    # align_corners=False: the content stretches by size_out / size_in, the ratio the image
+    # scale changes by between levels (True stretched a 3 px kernel 2x for a 1.67x step)
+    up = F.interpolate(k[:, None], size=(size, size), mode="bilinear", align_corners=False)
     return normalise_kernel(up[:, 0], floor=0.0)
 
 
@@ -307,8 +312,7 @@ def estimate_kernels(y: torch.Tensor, s: DeblurSettings,
     sizes = _levels(s.kernel_size)
     k = torch.zeros(b, 3, 3, device=y.device, dtype=y.dtype)
     k[:, 1, 1] = 1.0
-    lam = s.lam
-    for size in sizes:
+    for level, size in enumerate(sizes):
         f = size / s.kernel_size
         yl = y if f == 1 else F.interpolate(y[:, None], scale_factor=f, mode="bilinear",
                                             antialias=True, align_corners=False)[:, 0]
@@ -318,10 +322,12 @@ def estimate_kernels(y: torch.Tensor, s: DeblurSettings,
                 mask[:, None], size=yl.shape[-2:], mode="nearest")[:, 0]))
         yp = yl
         k = resize_kernel(k, size)
+        lam = max(s.lam * s.lam_level_decay ** level, 1e-4)  # Pan et al.'s schedule
         for _ in range(s.iterations):
             x = l0_latent(yp, psf2otf(k, yp.shape[-2:]), lam)
-            k = estimate_kernel_step(x, yp, size, s.gamma, vote, keep_top=s.keep_top)
-            lam = max(lam * 0.9, 1e-4)
+            k = estimate_kernel_step(x, yp, size, s.gamma, vote, keep_top=s.keep_top,
+                                     floor=s.kernel_floor)
+            lam = max(lam * s.lam_decay, 1e-4)
     return k
 
 
