@@ -107,3 +107,58 @@ def test_settings_are_validated_and_tagged():
         DeblurSettings(kernel_size=8)
     assert DeblurSettings().tag() == "deblur"
     assert DeblurSettings(tv_steps=0).tag() == "deblur-tv_steps0"
+
+
+# --------------------------------------------------------------------------- in varlide-lite
+
+
+def _lite(**inference):
+    from varlide.models.varlide_lite import VarlideLite, VarlideLiteConfig
+
+    torch.manual_seed(0)
+    return VarlideLite(VarlideLiteConfig(vgpm=False, width=4, hidden=4), **inference).eval()
+
+
+def test_varlide_lite_deblur_routes_decisions_and_version():
+    """Opt-in: a well-exposed blurred frame takes the ``deblur`` route (deblurring only), a
+    dark blurred one is deblurred after the curve, sharp ones are ``off``; each attempted
+    image gets a decision and a kernel length, and the output is the stage's own."""
+    from varlide.models.tone import protect_highlights
+
+    sharp = _photo(96)
+    blurred = _blur(sharp, motion_blur_kernel(9, 20.0)).clamp(0, 1)
+    x = torch.cat([blurred, sharp, blurred * 0.2, sharp * 0.2])
+    v = torch.tensor([0.9, 0.9, 0.1, 0.1])
+    b = torch.tensor([0.8, 0.1, 0.8, 0.1])
+    off = _lite()
+    assert off.routes(v, b) == ["skip", "skip", "curve", "curve"]
+    r0 = off.enhance(x, v, b)
+    assert r0.deblur is None and r0.deblur_kernel_px is None and "deblur" not in off.version
+    model = _lite(deblur=True)
+    assert model.version.endswith("+deblur+hl")
+    r = model.enhance(x, v, b)
+    assert r.route == ["deblur", "skip", "curve", "curve"]
+    assert r.deblur[1] == "off" and r.deblur[3] == "off"
+    assert r.deblur[0] in DECISIONS[1:] and r.deblur[2] in DECISIONS[1:]
+    px = r.deblur_kernel_px
+    assert torch.isnan(px[[1, 3]]).all() and torch.isfinite(px[[0, 2]]).all()
+    assert float(px[0]) > 3  # a 9 px blur is seen as blur
+    assert torch.equal(r.images[1], x[1])  # skip: untouched
+    assert torch.equal(r.images[3], r0.images[3])  # sharp, dark: the curve alone
+    direct = BlindDeblur()(x[:1])
+    assert direct.decision[0] == r.deblur[0]
+    want = protect_highlights(direct.images.clone(), x[:1])
+    assert torch.allclose(r.images[0], want[0], atol=1e-6)
+    if r.deblur[0] != "applied":  # the gate kept the input: nothing changed at all
+        assert torch.equal(r.images[0], x[0])
+
+
+def test_deblur_option_is_validated():
+    from varlide.models.varlide_lite import deblur_stage
+
+    assert deblur_stage(False) is None and deblur_stage(None) is None
+    assert deblur_stage({"mu": 1e-3}).settings.mu == 1e-3
+    with pytest.raises(ValueError, match="unknown setting"):
+        deblur_stage({"strength": 2})
+    with pytest.raises(ValueError, match="expected true, false"):
+        deblur_stage("yes")

@@ -279,6 +279,39 @@ def test_backbone_option_is_in_the_run_id_and_the_rows(tmp_path, mlflow_sqlite):
     assert all(d > 0.1 for d in diffs), diffs
 
 
+def test_deblur_option_writes_its_decision_and_kernel(tmp_path, mlflow_sqlite):
+    """``enhancer_options: {deblur: true}``: another run id, ``+deblur`` in the version, and
+    every row says what the stage decided (``off`` where the blur prior said sharp) and the
+    kernel length it estimated; without it the two columns are null."""
+    from scipy.ndimage import convolve
+
+    from varlide.demo import motion_blur_kernel, photos_uint8
+    from varlide.models.deblur import DECISIONS
+
+    inp = tmp_path / "in"
+    fs, root = filesystem(str(inp))
+    k = motion_blur_kernel(11, 30.0)
+    for i, (_, photo) in enumerate(photos_uint8()[:3]):
+        crop = photo[:96, :128].astype(np.float32) / 255
+        blurred = np.stack([convolve(crop[..., c], k, mode="reflect") for c in range(3)], -1)
+        for name, img in (("blurred", blurred), ("sharp", crop)):
+            _write_png(fs, f"{root}/{name}_{i}.png", (img * 255).round().astype(np.uint8))
+    plain = _run(str(inp), str(tmp_path / "plain"), format="png")
+    on = _run(str(inp), str(tmp_path / "deblur"), format="png",
+              enhancer_options={"deblur": True})
+    assert plain["run_id"] != on["run_id"]
+    df0, df = _scores(str(tmp_path / "plain")), _scores(str(tmp_path / "deblur"))
+    assert df0["deblur"].isna().all() and df0["deblur_kernel_px"].isna().all()
+    assert len(df) == 6 and set(df["status"]) == {"ok"}
+    assert all(v.endswith("+deblur+hl") for v in df["enhancer_version"])
+    assert set(df["deblur"]) <= set(DECISIONS)
+    tried = df["deblur"] != "off"
+    assert tried.any()  # the blurred photographs reach the blur threshold
+    assert df.loc[tried, "deblur_kernel_px"].notna().all()
+    assert df.loc[~tried, "deblur_kernel_px"].isna().all()
+    assert (df.loc[tried, "blur"] >= 0.30).all() and (df.loc[~tried, "route"] != "deblur").all()
+
+
 def test_reference_gives_psnr_and_ssim(tmp_path, mlflow_sqlite):
     from varlide.demo import make_demo_corpus
 

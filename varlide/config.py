@@ -208,10 +208,14 @@ class Config(BaseModel):
 
         A run on an enhancer's shipped weights (no ``enhancer_weights``) also hashes those
         weights' ``config.json`` (weights sha256, architecture, backbone slot), so an upgrade
-        that changes them starts a new run instead of resuming into rows of the old ones."""
+        that changes them starts a new run instead of resuming into rows of the old ones; the
+        row schema version is hashed for the same reason (a run's shards share one layout)."""
         if self.run_id:
             return self.run_id
-        body: dict[str, Any] = {"input": input_uri.rstrip("/"), "config": self.output_config()}
+        from varlide.storage.results import SCHEMA_VERSION  # lazy: pyarrow only when needed
+
+        body: dict[str, Any] = {"input": input_uri.rstrip("/"), "config": self.output_config(),
+                                "schema_version": SCHEMA_VERSION}
         shipped = shipped_weights_id(self.enhancer) if (
             self.enhance and self.enhancer_weights is None) else None
         if shipped:

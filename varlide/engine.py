@@ -500,14 +500,18 @@ def _compute(batch: list[Loaded], images: torch.Tensor, stages: Stages, cfg: Con
 
 def _record_enhancer(batch: list[Loaded], enhancer: Enhancer,
                      result: EnhanceResult) -> None:
-    """The enhancer's per-image columns (route, iterations, phase strength) in the rows."""
+    """The enhancer's per-image columns (route, iterations, phase strength, deblurring
+    decision and kernel length) in the rows."""
     n_iter = None if result.n_iter is None else result.n_iter.cpu().tolist()
     strength = None if result.phase_strength is None else result.phase_strength.cpu().tolist()
+    px = None if result.deblur_kernel_px is None else result.deblur_kernel_px.cpu().tolist()
     for i, item in enumerate(batch):
         item.row.update(enhancer=enhancer.name, enhancer_version=enhancer.version,
                         route=result.route[i],
                         n_iter=None if n_iter is None else int(n_iter[i]),
-                        phase_strength=None if strength is None else float(strength[i]))
+                        phase_strength=None if strength is None else float(strength[i]),
+                        deblur=None if result.deblur is None else result.deblur[i],
+                        deblur_kernel_px=None if px is None or px[i] != px[i] else px[i])
 
 
 def _outputs(batch: list[Loaded], outputs: torch.Tensor, quality: int,

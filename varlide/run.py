@@ -382,7 +382,7 @@ def summarize_scores(table: pa.Table | None, metric_names: tuple[str, ...]) -> d
         "errors": float((df["status"] == "error").sum()),
     }
     out["error_rate"] = out["errors"] / out["images"]
-    columns = ["visibility", "blur", "n_iter", "phase_strength"]
+    columns = ["visibility", "blur", "n_iter", "phase_strength", "deblur_kernel_px"]
     columns += [f"q_{m}_{s}" for m in metric_names for s in ("in", "out")]
     for col in columns:
         if col not in ok:

@@ -12,7 +12,7 @@ from varlide.storage.uri import filesystem, join
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("skip", "curve", "full")
+ROUTES = ("skip", "curve", "full", "deblur")
 
 
 # ---- a run's rows ---------------------------------------------------------------------------

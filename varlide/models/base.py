@@ -14,7 +14,7 @@ from torch import nn
 
 from varlide.registry import Registry
 
-ROUTES = ("skip", "curve", "full")
+ROUTES = ("skip", "curve", "full", "deblur")
 
 
 @dataclass
@@ -23,6 +23,10 @@ class EnhanceResult:
     route: list[str]  # per image, one of ROUTES
     n_iter: torch.Tensor | None = None  # (B,) int: curve iterations applied (VICM's n_v)
     phase_strength: torch.Tensor | None = None  # (B,) float: VGPM strength, None if no VGPM
+    # per image, the deblurring stage's decision (varlide.models.deblur.DECISIONS), and the
+    # estimated kernel length in px (NaN where not attempted); None: the enhancer has no stage
+    deblur: list[str] | None = None
+    deblur_kernel_px: torch.Tensor | None = None
 
 
 class Enhancer(nn.Module):

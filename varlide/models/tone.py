@@ -5,7 +5,8 @@ at white and burns out (measured: the over-exposed fraction of blurred night str
 rose from 0.1 % to 0.7 %). ``protect_highlights`` rolls the output's luma off above
 ``knee`` towards ``ceiling`` with an exponential shoulder (slope 1 at the knee, so mid-tones
 are untouched and no band appears), never below the input's own luma (a lamp is not made
-dimmer than it was), and never to white where the input was not white (``OVEREXPOSED_LUMA``,
+dimmer than it was; a pixel the enhancer did not brighten is left as it is), and never to
+white where the input was not white (``OVEREXPOSED_LUMA``,
 the threshold the ``overexposed`` measure counts). RGB is scaled by the luma ratio, so hue
 and saturation are kept: a yellow lamp stays yellow instead of turning grey-white.
 """
@@ -39,10 +40,13 @@ def _check(knee: float, ceiling: float) -> None:
 
 def _target_luma(lo: torch.Tensor, lx: torch.Tensor, knee: float,
                  ceiling: float) -> torch.Tensor:
-    """max(shoulder(L_out), min(L_out, L_in)), held at ``ceiling`` unless the input was
-    already over-exposed there (then its white is the input's, not ours)."""
+    """max(shoulder(L_out), min(L_out, L_in)), held at max(ceiling, L_in) unless the input
+    was already over-exposed there (then its white is the input's, not ours). A pixel the
+    enhancer did not brighten (L_out <= L_in) keeps L_out exactly."""
     target = torch.maximum(shoulder(lo, knee, ceiling), torch.minimum(lo, lx))
-    return torch.where(lx >= OVEREXPOSED_LUMA, target, target.clamp_max(ceiling))
+    cap = torch.where(lx >= OVEREXPOSED_LUMA, torch.full_like(lx, float("inf")),
+                      lx.clamp_min(ceiling))
+    return torch.minimum(target, cap)
 
 
 def protect_highlights(out: torch.Tensor, source: torch.Tensor, knee: float = KNEE,

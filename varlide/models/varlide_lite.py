@@ -61,6 +61,7 @@ import torch
 from varlide.models.backbones import build_backbone
 from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult, autocast_for
 from varlide.models.curve_net import curve_in_bands, images_per_call
+from varlide.models.deblur import BlindDeblur, DeblurSettings
 from varlide.models.tiling import band_rows
 from varlide.models.tone import protect_highlights
 from varlide.models.vgpm import LOW_BAND, VGPM
@@ -250,6 +251,23 @@ class Pretrained:
         self.pretrained_info = meta
 
 
+def deblur_stage(option: bool | dict[str, Any] | None) -> BlindDeblur | None:
+    """The ``deblur`` inference option: False/None (off), True (``DeblurSettings()``), or a
+    dict of ``DeblurSettings`` fields."""
+    if option is None or option is False:
+        return None
+    if option is True:
+        return BlindDeblur()
+    if isinstance(option, dict):
+        known = {f.name for f in dataclasses.fields(DeblurSettings)}
+        unknown = set(option) - known
+        if unknown:
+            raise ValueError(f"deblur: unknown setting(s) {sorted(unknown)}; known: "
+                             f"{', '.join(sorted(known))}")
+        return BlindDeblur(DeblurSettings(**option))
+    raise ValueError(f"deblur: expected true, false or a dict of settings, got {option!r}")
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -300,6 +318,7 @@ class VarlideLite(Pretrained, Enhancer):
         downscale: float | None = None,
         backbone: str | None = None,
         highlights: bool = True,
+        deblur: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.config = config or VarlideLiteConfig()
@@ -314,7 +333,8 @@ class VarlideLite(Pretrained, Enhancer):
         self.pretrained_info: dict[str, Any] = {}
         self.set_inference(skip_visibility=skip_visibility, full_blur=full_blur,
                            precision=precision, channels_last=channels_last, compile=compile,
-                           downscale=downscale, backbone=backbone, highlights=highlights)
+                           downscale=downscale, backbone=backbone, highlights=highlights,
+                           deblur=deblur)
 
     @property
     def version(self) -> str:
@@ -324,6 +344,7 @@ class VarlideLite(Pretrained, Enhancer):
         k = self.effective_downscale
         tags = [f"ds{k:g}"] if k != 1 else []
         tags += [self.backbone.tag()] if self.backbone.tag() else []
+        tags += [self.deblur.tag()] if self.deblur is not None else []
         tags += [HIGHLIGHTS_TAG] if self.highlights else []
         return "+".join([self.weights_version, *tags])
 
@@ -358,6 +379,7 @@ class VarlideLite(Pretrained, Enhancer):
         downscale: float | None = None,
         backbone: str | None = None,
         highlights: bool = True,
+        deblur: bool | dict[str, Any] = False,
     ) -> None:
         """Inference-only settings (routing thresholds, precision, the backbone slot ...);
         weights unchanged. ``backbone=None``: the one the config (the weights) names."""
@@ -377,6 +399,7 @@ class VarlideLite(Pretrained, Enhancer):
         self.use_compile = bool(compile)
         self.downscale = downscale
         self.highlights = bool(highlights)
+        self.deblur = deblur_stage(deblur)
         c = self.config
         self.backbone = build_backbone(backbone or c.backbone, **c.backbone_kwargs())
         self._compiled: dict[str, Any] = {}
@@ -415,9 +438,10 @@ class VarlideLite(Pretrained, Enhancer):
         out = []
         band = self.skip_visibility
         for vi, bi in zip(v.float().cpu().tolist(), b.float().cpu().tolist(), strict=True):
+            blurred = bi >= self.full_blur
             if band and band[0] <= vi <= band[1]:
-                out.append("skip")
-            elif bi >= self.full_blur and self.vgpm is not None:
+                out.append("deblur" if blurred and self.deblur is not None else "skip")
+            elif blurred and self.vgpm is not None:
                 out.append("full")
             else:
                 out.append("curve")
@@ -460,6 +484,43 @@ class VarlideLite(Pretrained, Enhancer):
             self._compiled[key] = torch.compile(fn, dynamic=None)
         return self._compiled[key]
 
+    def _deblurred(self, y: torch.Tensor, b: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """The deblurring stage, in place on ``y``, for the images whose blur score reaches
+        ``full_blur`` (the others: ``off``), one image at a time (its FFTs are whole-frame
+        planes); returns the decisions and kernel lengths (NaN where not attempted)."""
+        n = y.shape[0]
+        decisions = ["off"] * n
+        px = torch.full((n,), float("nan"), device=y.device)
+        for i, bi in enumerate(b.float().cpu().tolist()):
+            if bi < self.full_blur:
+                continue
+            r = self.deblur(y[i:i + 1])
+            y[i:i + 1] = r.images
+            decisions[i], px[i] = r.decision[0], r.kernel_px[0]
+        return decisions, px
+
+    def _route(self, key: str, x: torch.Tensor, v: torch.Tensor, b: torch.Tensor):
+        """One route on its images: (output clamped to [0, 1], iterations, VGPM strength or
+        None, deblur decisions or None, kernel px or None)."""
+        strength = decisions = px = None
+        with autocast_for(x.device, self.precision):
+            if key == "deblur":
+                y, it = x.float().clone(), torch.zeros(x.shape[0], device=x.device)
+            elif key == "full" and self.deblur is None:
+                y, it, strength = self._fn(key)(x, v, b)
+            else:
+                y, it = self._fn("curve")(x, v)
+        y = y.float().clamp_(0, 1).contiguous()
+        if self.deblur is not None:
+            decisions, px = self._deblurred(y, b)
+            if key == "full":
+                with autocast_for(x.device, self.precision):
+                    g = self.vgpm(y, b)
+                y, strength = g["image"].float().clamp_(0, 1).contiguous(), g["strength"]
+        if self.highlights:
+            protect_highlights(y, x)
+        return y, it.to(torch.int16), strength, decisions, px
+
     @torch.no_grad()
     def enhance(
         self, images: torch.Tensor, visibility: torch.Tensor, blur: torch.Tensor
@@ -475,41 +536,38 @@ class VarlideLite(Pretrained, Enhancer):
         routes = self.routes(v, b)
         x = images.float()
         cl = self.channels_last if self.channels_last is not None else dev.type == "cuda"
-        out: torch.Tensor | None = None  # a copy of x only when routes differ in the batch
-        n_iter = torch.zeros(n, dtype=torch.int16, device=dev)
-        strength = torch.zeros(n, dtype=torch.float32, device=dev) if self.vgpm else None
-        for key in ("curve", "full"):
+        out = x.clone() if "skip" in routes else None  # a skipped image is its input
+        res = EnhanceResult(
+            images=x, route=routes, n_iter=torch.zeros(n, dtype=torch.int16, device=dev),
+            phase_strength=torch.zeros(n, device=dev) if self.vgpm else None,
+            deblur=["off"] * n if self.deblur is not None else None,
+            deblur_kernel_px=(torch.full((n,), float("nan"), device=dev)
+                              if self.deblur is not None else None))
+        for key in ("curve", "full", "deblur"):
             sel = [i for i, r in enumerate(routes) if r == key]
             if not sel:
                 continue
-            idx = None if len(sel) == n else torch.tensor(sel, device=dev)
-            xs = x if idx is None else x.index_select(0, idx)
-            vs = v if idx is None else v.index_select(0, idx)
+            idx = torch.tensor(sel, device=dev)
+            xs = x if len(sel) == n else x.index_select(0, idx)
             if cl:
                 xs = xs.contiguous(memory_format=torch.channels_last)
-            with autocast_for(dev, self.precision):
-                if key == "curve":
-                    y, it = self._fn(key)(xs, vs)
-                else:
-                    bs = b if idx is None else b.index_select(0, idx)
-                    y, it, s = self._fn(key)(xs, vs, bs)
-            y = y.float().clamp_(0, 1).contiguous()
-            if self.highlights:
-                protect_highlights(y, xs)
-            if idx is None:
-                out, n_iter = y, it.to(torch.int16)
+            y, it, strength, decisions, px = self._route(
+                key, xs, v.index_select(0, idx), b.index_select(0, idx))
+            if len(sel) == n:
+                out = y
             else:
                 if out is None:
-                    out = x.clone()
+                    out = torch.empty_like(x)
                 out.index_copy_(0, idx, y)
-                n_iter.index_copy_(0, idx, it.to(torch.int16))
-            if key == "full":
-                strength.index_copy_(0, idx if idx is not None else torch.arange(n, device=dev),
-                                     s.float())
-        if out is None:  # every image skipped
-            out = x.clone()
-        return EnhanceResult(images=out.to(images.dtype) if images.is_floating_point() else out,
-                             route=routes, n_iter=n_iter, phase_strength=strength)
+            res.n_iter.index_copy_(0, idx, it)
+            if strength is not None:
+                res.phase_strength.index_copy_(0, idx, strength.float())
+            if decisions is not None:
+                for j, i in enumerate(sel):
+                    res.deblur[i] = decisions[j]
+                res.deblur_kernel_px.index_copy_(0, idx, px.float())
+        res.images = out.to(images.dtype) if images.is_floating_point() else out
+        return res
 
     # ---------------------------------------------------------------- weights
 

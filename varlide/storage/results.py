@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from varlide.storage.uri import filesystem, write_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the deblur, deblur_kernel_px columns
 
 FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("schema_version", pa.int16()),
@@ -42,6 +42,8 @@ FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("route", pa.string()),
     ("n_iter", pa.int16()),
     ("phase_strength", pa.float32()),
+    ("deblur", pa.string()),
+    ("deblur_kernel_px", pa.float32()),
     ("enhanced_uri", pa.string()),
 ]
 TAIL_COLUMNS: list[tuple[str, pa.DataType]] = [
