@@ -33,6 +33,10 @@ with it (``--backbone denoise`` also filters the baselines' outputs: rows "+ den
     .venv/bin/python $A ship --no-vgpm --backbone denoise --exposure-level 0.525 \
         --steps 800 --threads 1 --out /tmp/train/ship-dn-E0.525  # trained with the filter
 
+Issue 12's per-stage ablation (default routing, shipped weights; METHOD.md, "Stages")::
+
+    .venv/bin/python $A stages --out /tmp/train/stages
+
 ``train`` writes OUT/<variant>/final (and checkpoints); ``eval`` writes
 OUT/eval_per_image*.csv, eval_summary*.csv and eval*.md (docs/METHOD.md's table).
 
@@ -306,6 +310,56 @@ def cmd_downscale(args) -> None:
     _report(per, sets, args.out, "downscale")
 
 
+def stage_sets(data_root: str, limit: int | None, seeds: int, dev_max_side: int | None):
+    """The issue-12 sets: each synthetic preset isolates one part of the degradation model
+    (dark, blur, noise; all three; sharp = nothing to fix), then the real sets."""
+    from varlide.evaluation import paired_synthetic
+
+    synthetic = [paired_synthetic(seeds=tuple(range(seeds)), degradation=d)
+                 for d in ("dark", "blur", "noise", "all", "sharp")]
+    real, _ = build_sets(data_root, limit, seeds, dev_max_side)
+    return synthetic + [s for s in real if s.name != "synthetic"]
+
+
+def stage_enhancers(weights: str | None):
+    """Per-stage rows, as a user runs them (default routing): the baseline with and without
+    the denoiser, then varlide-lite's stages added one at a time. No VGPM row: the shipped
+    weights have none (METHOD.md, "The shipped weights")."""
+    from varlide.models.base import create_enhancer
+
+    def lite(**kw):
+        return create_enhancer("varlide-lite", weights=weights, **kw)
+
+    return {
+        "input": None,
+        "classic-curve": create_enhancer("classic-curve"),
+        "classic-curve + denoise": create_enhancer("classic-curve", backbone="denoise"),
+        "curve alone": lite(backbone="identity", highlights=False),
+        "curve + highlights": lite(backbone="identity"),
+        "+ denoise (default)": lite(),
+        "+ nlm instead of denoise": lite(backbone="nlm"),
+        "+ deblur": lite(deblur=True),
+    }
+
+
+def cmd_stages(args) -> None:
+    """The per-stage ablation of issue 12 on the sets that isolate each part."""
+    from varlide.evaluation import measure
+
+    t0 = time.time()
+    sets = stage_sets(args.data_root, args.max_images, args.seeds, args.dev_max_side)
+    for s in sets:
+        print(f"set {s.name}: {len(s)} images ({s.description})", flush=True)
+    per = measure(stage_enhancers(args.weights), sets, batch_size=4,
+                  iqa_max_side=args.iqa_max_side,
+                  paired_metrics=("psnr", "ssim", "brightness", "overexposed", "colorfulness",
+                                  "sharpness"),
+                  unpaired_metrics=("brightness", "overexposed", "colorfulness", "sharpness",
+                                    "piqe"))
+    _report(per, sets, args.out, "stages")
+    print(f"stage ablation took {time.time() - t0:.0f} s", flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -374,9 +428,17 @@ def main(argv=None) -> None:
     n.add_argument("--seeds", type=int, default=3)
     n.add_argument("--dev-max-side", type=int, default=512)
     n.add_argument("--out", default=None)
+    g = sub.add_parser("stages", help="issue 12's per-stage ablation (default routing)")
+    g.add_argument("--data-root", default="../shared/data")
+    g.add_argument("--weights", default=None, help="varlide-lite weights (default: shipped)")
+    g.add_argument("--max-images", type=int, default=12)
+    g.add_argument("--seeds", type=int, default=2)
+    g.add_argument("--dev-max-side", type=int, default=512)
+    g.add_argument("--iqa-max-side", type=int, default=512)
+    g.add_argument("--out", default=None)
     args = p.parse_args(argv)
     {"train": cmd_train, "ship": cmd_ship, "eval": cmd_eval, "downscale": cmd_downscale,
-     "denoise": cmd_denoise}[args.cmd](args)
+     "denoise": cmd_denoise, "stages": cmd_stages}[args.cmd](args)
 
 
 if __name__ == "__main__":

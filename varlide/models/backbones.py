@@ -45,6 +45,7 @@ def _identity(**_: object) -> IdentityBackbone:
 def backbone_names() -> list[str]:
     """Every registered backbone (the built-in ones registered first)."""
     import varlide.models.denoise  # noqa: F401  (registers 'denoise')
+    import varlide.models.nlm  # noqa: F401  (registers 'nlm')
 
     return BACKBONES.names()
 

@@ -89,6 +89,19 @@ def noise_sigma(x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     return (math.sqrt(math.pi / 2) / 6 * mean).to(x.dtype)
 
 
+def whole_frame_sigma(source: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """A backbone's ``prepare``: the per-image noise estimate of the whole input, ``(B, C)``,
+    the one global statistic, computed once so the filter itself can run in row bands."""
+    with torch.autocast(source.device.type, enabled=False):
+        return noise_sigma(source.float(), rows)
+
+
+def local_gain(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The curve's local gain y / x (Gaussian means over ``GAIN_WINDOW``): how much the
+    input's noise was amplified at each pixel."""
+    return (gaussian_blur(y, GAIN_WINDOW) + EPS) / (gaussian_blur(x, GAIN_WINDOW) + EPS)
+
+
 class NoiseAdaptiveDenoiser(nn.Module):
     """``forward(image, source)``: denoise the curve output ``image`` given the input ``source``
     it came from (see the module docstring). ``window``: w, the Gaussian sigma (px) of the
@@ -111,10 +124,7 @@ class NoiseAdaptiveDenoiser(nn.Module):
         return max(math.ceil(3 * GAIN_WINDOW), math.ceil(3 * self.window))
 
     def prepare(self, source: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-        """The per-image noise estimate of the whole input, ``(B, C)``: the one global
-        statistic, computed once so the filter itself can run in row bands."""
-        with torch.autocast(source.device.type, enabled=False):
-            return noise_sigma(source.float(), rows)
+        return whole_frame_sigma(source, rows)
 
     def forward(self, image: torch.Tensor, source: torch.Tensor,
                 sigma_in: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,8 +135,7 @@ class NoiseAdaptiveDenoiser(nn.Module):
             if sigma_in is None:
                 sigma_in = noise_sigma(x)
             sigma = self.strength * sigma_in.float()[:, :, None, None]
-            gain = (gaussian_blur(y, GAIN_WINDOW) + EPS) / (gaussian_blur(x, GAIN_WINDOW) + EPS)
-            noise_var = (sigma * gain) ** 2
+            noise_var = (sigma * local_gain(y, x)) ** 2
             mu = gaussian_blur(y, self.window)
             var = (gaussian_blur(y * y, self.window) - mu * mu).clamp_min(0)
             keep = (var - noise_var).clamp_min(0) / var.clamp_min(1e-8)
