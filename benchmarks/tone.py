@@ -22,7 +22,7 @@ import time
 import torch
 
 
-def _enhancers(knee: float | None):
+def _enhancers():
     from varlide.models.base import create_enhancer
     from varlide.models.varlide_lite import VarlideLite
 
@@ -43,10 +43,6 @@ def _enhancers(knee: float | None):
     before = create_enhancer("varlide-lite", highlights=False)
     before.__class__ = BlurFirst  # same weights and settings, the old routing
     enh = {"input": None, "before (blur first, no roll-off)": before, "ours (default)": ours}
-    if knee is not None:
-        from varlide.models import tone
-
-        tone.KNEE = knee
     return enh
 
 
@@ -122,13 +118,12 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=os.environ.get("VARLIDE_SHARED_DATA", "../shared/data"))
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--limit", type=int, default=24, help="sice-moderate images at most")
-    p.add_argument("--knee", type=float, default=None, help="override tone.KNEE (sweep)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     from varlide.evaluation import measure
 
     t0 = time.time()
-    enh = _enhancers(args.knee)
+    enh = _enhancers()
     sets = _sets(args.data, args.seeds, args.limit)
     per = measure(enh, sets, batch_size=4, paired_metrics=("psnr", "brightness", "overexposed"),
                   unpaired_metrics=("brightness", "overexposed"))
