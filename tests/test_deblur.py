@@ -160,5 +160,7 @@ def test_deblur_option_is_validated():
     assert deblur_stage({"mu": 1e-3}).settings.mu == 1e-3
     with pytest.raises(ValueError, match="unknown setting"):
         deblur_stage({"strength": 2})
-    with pytest.raises(ValueError, match="expected true, false"):
+    with pytest.raises(ValueError, match="method must be 'blind' or 'learned'"):
         deblur_stage("yes")
+    with pytest.raises(ValueError, match="expected true, false"):
+        deblur_stage(3)

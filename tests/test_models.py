@@ -165,10 +165,10 @@ def test_registered_names():
 
 
 def test_missing_default_weights_error_names_the_file_and_command(monkeypatch, tmp_path):
-    import varlide.models.varlide_lite as vl
+    import varlide.models.pretrained as pretrained
 
-    monkeypatch.setattr(vl, "WEIGHTS_DIR", tmp_path / "none")
-    for name in ("varlide-lite", "zero-dce"):
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path / "none")
+    for name in ("varlide-lite", "zero-dce", "restorer"):
         with pytest.raises(FileNotFoundError, match="varlide train") as err:
             create_enhancer(name)
         assert f"{name}/model.safetensors" in str(err.value)

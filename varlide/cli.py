@@ -567,7 +567,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="local folder for checkpoints and the final weights")
     p.add_argument("--config", help="YAML of TrainConfig fields (varlide/training.py)")
     p.add_argument("--enhancer", help="a trainable registered enhancer (default varlide-lite; "
-                   "zero-dce trains with its own loss)")
+                   "zero-dce trains with its own loss; restorer, the learned deblurring "
+                   "stage, on blurred / sharp pairs made from DATA)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--crop", type=int)
@@ -583,11 +584,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     doc = read_yaml(args.config) if args.config else {}
     flags = {n: getattr(args, n) for n in ("enhancer", "steps", "batch_size", "crop", "device")}
     enhancer = flags["enhancer"] or doc.get("enhancer")
-    if enhancer and "loss" not in doc:  # its own loss unless the file names one
+    if enhancer:  # its own loss and schedule unless the file names them
         from varlide.models import ENHANCERS
+        from varlide.training import train_defaults
 
         if enhancer in ENHANCERS:
-            flags["loss"] = ENHANCERS.info(enhancer).get("default_loss")
+            doc = {**train_defaults(enhancer), **doc}
     cfg = load_settings(TrainConfig, doc, flags, env_prefix="VARLIDE_TRAIN_")
     _start_prefect_server()
     from flows import prefect_api

@@ -102,6 +102,59 @@ def motion_blur_kernel(length: int, angle_deg: float) -> np.ndarray:
     return (kernel / kernel.sum()).astype(np.float32)
 
 
+def trajectory_kernel(length: float, rng: np.random.Generator, size: int | None = None,
+                      steps: int = 256, turn: float = 0.15) -> np.ndarray:
+    """A random camera-shake kernel (odd square, float32, sums to 1): a random walk whose
+    direction turns by ``turn`` radians (s.d.) per step, scaled to ``length`` px of path,
+    centred on its mean and splatted bilinearly. The curved, uneven kernels of real hand
+    shake (the kind VARSR's and LEDNet's training pairs draw), beside the straight lines of
+    :func:`motion_blur_kernel`."""
+    if length < 1:
+        raise ValueError(f"length: expected >= 1, got {length}")
+    size = size or 2 * math.ceil(length / 2) + 1
+    if size % 2 == 0:
+        raise ValueError(f"size: expected an odd kernel side, got {size}")
+    angles = rng.uniform(0, 2 * math.pi) + np.cumsum(rng.normal(0.0, turn, steps))
+    path = np.cumsum(np.stack([np.cos(angles), np.sin(angles)], axis=1), axis=0)
+    path = (path - path.mean(axis=0)) * (float(length) / steps) + size // 2
+    path = np.clip(path, 0, size - 1 - 1e-6)
+    kernel = np.zeros((size, size), dtype=np.float64)
+    x0, y0 = np.floor(path[:, 0]).astype(int), np.floor(path[:, 1]).astype(int)
+    fx, fy = path[:, 0] - x0, path[:, 1] - y0
+    for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                      (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        np.add.at(kernel, (np.minimum(y0 + dy, size - 1), np.minimum(x0 + dx, size - 1)), w)
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def blur_pair(clean: np.ndarray, rng: np.random.Generator, kernel_max: int = 23,
+              trajectory_prob: float = 0.5, sharp_prob: float = 0.15,
+              noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A restoration training input from a clean (H, W, 3) float crop: motion blur (a
+    ``sharp_prob`` share 1-2 px, else 3..``kernel_max`` px; a random trajectory with
+    probability ``trajectory_prob``, else a straight line), the demo's Poisson-Gaussian
+    noise ranges, the 8-bit grid. Returns (degraded float32, kernel)."""
+    from scipy.signal import fftconvolve
+
+    length = int(rng.integers(1, 3)) if rng.random() < sharp_prob else int(
+        rng.integers(3, kernel_max + 1))
+    if rng.random() < trajectory_prob:
+        kernel = trajectory_kernel(length, rng)
+    else:
+        kernel = motion_blur_kernel(length, rng.uniform(0.0, 180.0))
+    x = np.asarray(clean, dtype=np.float32)
+    h = kernel.shape[0] // 2
+    if h:
+        padded = np.pad(x, ((h, h), (h, h), (0, 0)), mode="reflect")
+        x = fftconvolve(padded, kernel[:, :, None], mode="valid", axes=(0, 1))
+        x = np.clip(x, 0.0, 1.0).astype(np.float32)
+    if noise:
+        sigma, shot = rng.uniform(0.0, 0.012), rng.uniform(0.0, 0.006)
+        z = rng.standard_normal(x.shape, dtype=np.float32)
+        x = np.clip(x + np.sqrt(np.float32(shot) * x + np.float32(sigma) ** 2) * z, 0, 1)
+    return (np.round(x * 255) / 255).astype(np.float32), kernel
+
+
 def _draw(rng: np.random.Generator) -> Degradation:
     """Random parameters; always the same number of draws, so overrides never shift the rng."""
     gamma = rng.uniform(1.0, 2.0)

@@ -299,11 +299,31 @@ class VarlideLoss(_Composite):
         return self.combine(terms)
 
 
-LOSSES = {"zero-dce": ZeroDCELoss, "varlide": VarlideLoss}
+class RestoreLoss(_Composite):
+    """The restorer's supervised objective on synthetic pairs: Charbonnier distance to the
+    clean reference (``out["reference"]``, which the trainer adds for paired models) and,
+    optionally, the L1 distance of the two images' 2-D spectra (``freq``, MIMO-UNet's
+    frequency term: it weighs the high frequencies a blur removes)."""
+
+    defaults = {"l1": 1.0, "freq": 0.0}
+
+    def forward(self, out: Mapping, x_in: torch.Tensor, v=None, b=None):
+        y, ref = out["image"], out.get("reference")
+        if ref is None:
+            raise ValueError("restore loss: the batch carries no reference (a paired model "
+                             "is trained on degraded / clean pairs)")
+        terms = {"l1": torch.sqrt((y - ref).square() + 1e-6).mean()}
+        if self.weights["freq"]:
+            terms["freq"] = (torch.fft.rfft2(y.float()) - torch.fft.rfft2(ref.float())
+                             ).abs().mean() / (y.shape[-1] * y.shape[-2]) ** 0.5
+        return self.combine(terms)
+
+
+LOSSES = {"zero-dce": ZeroDCELoss, "varlide": VarlideLoss, "restore": RestoreLoss}
 
 
 def create_loss(name: str, **kwargs) -> _Composite:
-    """``zero-dce`` or ``varlide`` with keyword options (``weights={...}`` etc.)."""
+    """``zero-dce``, ``varlide`` or ``restore`` with keyword options (``weights={...}`` etc.)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
     return LOSSES[name](**kwargs)

@@ -103,6 +103,10 @@ class TrainConfig:
     darken_prob: float = 0.25
     blur_prob: float = 1.0  # 1 = the demo's mix (about a third nearly sharp)
     noise: bool = True
+    # paired models (the restorer): blur lengths 1..kernel_max px, this share random
+    # trajectories (else straight lines); varlide.demo.blur_pair
+    kernel_max: int = 23
+    trajectory_prob: float = 0.5
     lr: float = 5e-3
     lr_final: float = 0.05  # final lr as a fraction of lr (cosine)
     warmup: int = 50
@@ -164,6 +168,9 @@ class TrainConfig:
             raise ValueError(f"scale: expected 0 < lo <= hi <= 1, got {self.scale}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction: expected in [0, 1), got {self.val_fraction}")
+        if self.kernel_max < 1 or not 0 <= self.trajectory_prob <= 1:
+            raise ValueError(f"kernel_max >= 1 and trajectory_prob in [0, 1], got "
+                             f"{self.kernel_max}, {self.trajectory_prob}")
         if self.mask not in ("soft", "ste"):
             raise ValueError(f"mask: 'soft' or 'ste', got {self.mask!r}")
 
@@ -253,6 +260,26 @@ def _random_crop(img: np.ndarray, size: int, scale: tuple[float, float],
     return np.ascontiguousarray(out[:, ::-1] if flip else out)
 
 
+def is_paired(enhancer: str) -> bool:
+    """Whether ``enhancer`` trains on (degraded, clean) pairs (its ``paired`` metadata): the
+    restorer does; the curve models learn without references."""
+    from varlide.models import ENHANCERS
+
+    return bool(ENHANCERS.info(enhancer).get("paired"))
+
+
+def train_defaults(enhancer: str) -> dict[str, Any]:
+    """TrainConfig fields an enhancer trains with unless told otherwise (its registry's
+    ``default_loss`` and ``train_defaults``): the one place the CLI and the flow take them."""
+    from varlide.models import ENHANCERS
+
+    info = ENHANCERS.info(enhancer)
+    out = dict(info.get("train_defaults") or {})
+    if info.get("default_loss"):
+        out["loss"] = info["default_loss"]
+    return out
+
+
 def _augment(clean: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> np.ndarray:
     """The paper's degradation on a clean crop (see the module docstring)."""
     from varlide.demo import degrade
@@ -270,11 +297,24 @@ def _augment(clean: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> n
     return low
 
 
+def _pair_input(clean: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> np.ndarray:
+    """A paired model's input: the restoration degradation (``varlide.demo.blur_pair``)."""
+    from varlide.demo import blur_pair
+
+    low, _ = blur_pair(clean, rng, cfg.kernel_max, cfg.trajectory_prob, noise=cfg.noise)
+    return low
+
+
+def _as_batch(arrs: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
 class _Batches:
     """Makes step ``s``'s batch from ``default_rng([seed, s])``, ahead, in a thread."""
 
     def __init__(self, images: list[_Image], cfg: TrainConfig, prior, start: int) -> None:
         self.images, self.cfg, self.prior = images, cfg, prior
+        self.paired = is_paired(cfg.enhancer)
         self.q: queue.Queue = queue.Queue(cfg.prefetch)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(start,), daemon=True,
@@ -285,7 +325,7 @@ class _Batches:
         cfg = self.cfg
         key = step % cfg.overfit_batches if cfg.overfit_batches else step
         rng = np.random.default_rng([cfg.seed, key])
-        crops = []
+        crops, refs = [], []
         while len(crops) < cfg.batch_size:
             img = _decode_u8(self.images[int(rng.integers(len(self.images)))].data)
             if img is None:
@@ -298,9 +338,15 @@ class _Batches:
                 img = F.interpolate(t, size=size, mode="bilinear").clamp(0, 255)[0]
                 img = img.permute(1, 2, 0).round().byte().numpy()
             clean = _random_crop(img, cfg.crop, cfg.scale, rng)
-            crops.append(_augment(clean, rng, cfg))
-        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+            if self.paired:
+                crops.append(_pair_input(clean, rng, cfg))
+                refs.append(clean)
+            else:
+                crops.append(_augment(clean, rng, cfg))
+        x = _as_batch(crops)
         s = self.prior.score(x)
+        if self.paired:
+            return x, s.visibility.float(), s.blur.float(), _as_batch(refs)
         return x, s.visibility.float(), s.blur.float()
 
     def _run(self, start: int) -> None:
@@ -335,6 +381,7 @@ def _validation_set(images: list[_Image], cfg: TrainConfig, prior) -> dict[str, 
     'paired' one (darkened + blur + noise, reference = the clean crop) for moderately lit
     sources (mean luma 0.3-0.6). Deterministic from the images' hashes."""
     natural, paired, refs, bins = [], [], [], []
+    paired_model = is_paired(cfg.enhancer)
     for im in images:
         img = _decode_u8(im.data)
         if img is None:
@@ -350,6 +397,11 @@ def _validation_set(images: list[_Image], cfg: TrainConfig, prior) -> dict[str, 
         rng = np.random.default_rng([cfg.seed, 1_000_003, int(im.sha256[:8], 16)])
         from varlide.demo import degrade
 
+        if paired_model:  # the restoration pairs; their references come with them
+            natural.append(_pair_input(clean, rng, cfg))
+            refs.append(clean)
+            bins.append(_bin(_luma_mean(clean)))
+            continue
         nat, _ = degrade(clean, rng, gamma=1.0, exposure=1.0)
         natural.append(nat)
         bins.append(_bin(_luma_mean(nat)))
@@ -367,6 +419,9 @@ def _validation_set(images: list[_Image], cfg: TrainConfig, prior) -> dict[str, 
     out: dict[str, Any] = {"natural": batch(natural), "bins": bins}
     s = prior.score(out["natural"])
     out["nat_v"], out["nat_b"] = s.visibility.float(), s.blur.float()
+    if paired_model:
+        out["natural_refs"] = batch(refs)
+        return out
     if paired:
         out["paired"], out["refs"] = batch(paired), batch(refs)
         s = prior.score(out["paired"])
@@ -527,32 +582,40 @@ def validate(model, loss_fn, val: dict[str, Any], device: torch.device, amp: boo
     model.eval()
     out: dict[str, float] = {}
     try:
-        def run(x, v, b):
+        def run(x, v, b, refs=None):
             ys, ns, totals, terms = [], [], [], {}
             for i in range(0, x.shape[0], chunk):
                 xi = x[i:i + chunk].to(device)
                 vi, bi = v[i:i + chunk].to(device), b[i:i + chunk].to(device)
                 with autocast_for(device, "auto" if amp else "fp32"):
                     o = model(xi, vi, bi, mask="hard")
+                if refs is not None:
+                    o["reference"] = refs[i:i + chunk].to(device)
                 total, t = loss_fn(o, xi, vi, bi)
                 totals.append(float(total) * xi.shape[0])
                 for k, val_ in t.items():
                     terms[k] = terms.get(k, 0.0) + val_ * xi.shape[0]
                 ys.append(o["image"].float().clamp(0, 1).cpu())
-                ns.append(o["n_iter"].float().cpu())
+                ns.append(o["n_iter"].float().cpu() if "n_iter" in o
+                          else torch.zeros(xi.shape[0]))
             n = x.shape[0]
             return torch.cat(ys), torch.cat(ns), sum(totals) / n, {k: s / n for k, s in
                                                                     terms.items()}
 
-        y, n_iter, total, terms = run(val["natural"], val["nat_v"], val["nat_b"])
+        nat_refs = val.get("natural_refs")  # a paired model: natural = its degraded pairs
+        y, n_iter, total, terms = run(val["natural"], val["nat_v"], val["nat_b"], nat_refs)
         out["val/loss"] = total
+        if nat_refs is not None:
+            out["val/psnr_paired"] = float(_psnr(y, nat_refs).mean())
+            out["val/psnr_paired_input"] = float(_psnr(val["natural"], nat_refs).mean())
         out.update({f"val/{k}": v for k, v in terms.items()})
         bright = luma(y).flatten(1).mean(1)
         for name, _, _ in BRIGHTNESS_BINS:
             idx = [i for i, bn in enumerate(val["bins"]) if bn == name]
             if idx:
                 out[f"val/brightness_{name}"] = float(bright[idx].mean())
-                out[f"val/n_iter_{name}"] = float(n_iter[idx].mean())
+                if nat_refs is None:  # curve models: how many iterations each class took
+                    out[f"val/n_iter_{name}"] = float(n_iter[idx].mean())
         if "paired" in val:
             yp, _, _, _ = run(val["paired"], val["pair_v"], val["pair_b"])
             out["val/psnr_paired"] = float(_psnr(yp, val["refs"]).mean())
@@ -620,6 +683,14 @@ class _Data:
     split: dict[str, Any]
 
 
+def _paired_count(val: dict[str, Any] | None) -> int:
+    """Held-out crops with a clean reference: the darkened pairs, or a paired model's all."""
+    if not val:
+        return 0
+    refs = val.get("refs") if "refs" in val else val.get("natural_refs")
+    return 0 if refs is None else int(refs.shape[0])
+
+
 def _prepare_data(corpus_uri: str, cfg: TrainConfig) -> _Data:
     """The corpus read once, the held-out split (``varlide.holdout``), the validation set."""
     from varlide.priors.base import create_prior
@@ -635,7 +706,7 @@ def _prepare_data(corpus_uri: str, cfg: TrainConfig) -> _Data:
         "train": len(train_set), "val": len(val_set),
         "val_by_brightness": {n: (val["bins"].count(n) if val else 0)
                               for n, _, _ in BRIGHTNESS_BINS},
-        "val_paired": int(val["paired"].shape[0]) if val and "paired" in val else 0,
+        "val_paired": _paired_count(val),
         "val_rel_paths": [im.rel_path for im in val_set],
         "rule": holdout.describe(cfg.val_fraction, cfg.val_max),
     }
@@ -740,7 +811,7 @@ class _Loop:
     def step(self, batch, step: int):
         """One optimiser step; the window's sums grow by its loss terms."""
         cfg, device = self.cfg, self.device
-        x, v, b = batch
+        x, v, b, *ref = batch  # a paired model's batch ends with its clean references
         x, v, b = x.to(device, non_blocking=True), v.to(device), b.to(device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -750,6 +821,8 @@ class _Loop:
         temp = temperature_at(cfg, step)
         with autocast_for(device, "auto" if cfg.amp else "fp32"):
             out = self.model(x, v, b, mask=cfg.mask, temperature=temp)
+        if ref:
+            out["reference"] = ref[0].to(device, non_blocking=True)
         loss, terms = self.loss_fn(out, x, v, b)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training: loss is {float(loss)} at step {step + 1}")

@@ -421,6 +421,29 @@ def _clipped(x: torch.Tensor) -> torch.Tensor:
     return ((x <= 0) | (x >= 1)).float().mean(dim=(1, 2, 3))
 
 
+def gate(x: torch.Tensor, out: torch.Tensor, length: torch.Tensor, sigma: torch.Tensor, *,
+         min_length: float, min_gain: float, max_ringing: float) -> list[str]:
+    """The do-no-harm decision per image (``DECISIONS``) for a restoration ``out`` of ``x``
+    (``out`` not yet clipped): ``no-blur`` when the kernel is shorter than ``min_length``
+    (a NaN length, no kernel estimated, passes), ``no-gain`` when the brightness-normalised
+    sharpness rises by less than ``min_gain``, ``ringing`` when flat regions change by more
+    than ``max_ringing`` noise sigmas or more pixels clip, else ``applied``."""
+    gain = _sharpness(out) / _sharpness(x).clamp_min(1e-6)
+    ring = _ringing(x, out, sigma)
+    clip_more = _clipped(out) > _clipped(x) + 0.002
+    decisions = []
+    for i in range(x.shape[0]):
+        if float(length[i]) < min_length:
+            decisions.append("no-blur")
+        elif float(gain[i]) < min_gain:
+            decisions.append("no-gain")
+        elif float(ring[i]) > max_ringing or bool(clip_more[i]):
+            decisions.append("ringing")
+        else:
+            decisions.append("applied")
+    return decisions
+
+
 class BlindDeblur:
     """The stage: ``__call__(images)`` -> :class:`DeblurResult` (see the module docstring)."""
 
@@ -441,20 +464,9 @@ class BlindDeblur:
             kf = full_resolution_kernel(k, scale)
             sigma = noise_sigma(x).mean(dim=1)
             out = deconvolve(x, kf, s.mu + s.mu_noise * sigma.square(), s.tv_steps)
-            gain = _sharpness(out) / _sharpness(x).clamp_min(1e-6)
-            ring = _ringing(x, out, sigma)
-            clip_more = _clipped(out) > _clipped(x) + 0.002
+            decisions = gate(x, out, length, sigma, min_length=s.min_length,
+                             min_gain=s.min_gain, max_ringing=s.max_ringing)
             out = out.clamp(0, 1)
-        decisions = []
-        for i in range(x.shape[0]):
-            if float(length[i]) < s.min_length:
-                decisions.append("no-blur")
-            elif float(gain[i]) < s.min_gain:
-                decisions.append("no-gain")
-            elif float(ring[i]) > s.max_ringing or bool(clip_more[i]):
-                decisions.append("ringing")
-            else:
-                decisions.append("applied")
         keep = torch.tensor([d == "applied" for d in decisions], device=x.device)
         result = torch.where(keep[:, None, None, None], out, x).to(images.dtype)
         return DeblurResult(result, decisions, length, k,

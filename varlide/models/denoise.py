@@ -102,7 +102,33 @@ def local_gain(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (gaussian_blur(y, GAIN_WINDOW) + EPS) / (gaussian_blur(x, GAIN_WINDOW) + EPS)
 
 
-class NoiseAdaptiveDenoiser(nn.Module):
+class NoiseAwareBackbone(nn.Module):
+    """The shared frame of the denoising backbones: ``prepare`` measures the input's noise
+    once (``whole_frame_sigma``), ``forward`` runs in float32 outside autocast and hands
+    ``filter`` the curve output, its source and the noise sigma times ``strength``."""
+
+    strength: float = 1.0
+
+    def prepare(self, source: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        return whole_frame_sigma(source, rows)
+
+    def forward(self, image: torch.Tensor, source: torch.Tensor,
+                sigma_in: torch.Tensor | None = None) -> torch.Tensor:
+        """``sigma_in``: ``prepare(whole input)`` when ``source`` is a band of it."""
+        dtype = image.dtype
+        with torch.autocast(image.device.type, enabled=False):
+            y, x = image.float(), source.float()
+            if sigma_in is None:
+                sigma_in = noise_sigma(x)
+            out = self.filter(y, x, self.strength * sigma_in.float())
+        return out.to(dtype)
+
+    def filter(self, y: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The denoised ``y`` given its source ``x`` and the noise sigma ``(B, C)``."""
+        raise NotImplementedError
+
+
+class NoiseAdaptiveDenoiser(NoiseAwareBackbone):
     """``forward(image, source)``: denoise the curve output ``image`` given the input ``source``
     it came from (see the module docstring). ``window``: w, the Gaussian sigma (px) of the
     local statistics; ``strength``: the factor on the estimated noise."""
@@ -123,24 +149,12 @@ class NoiseAdaptiveDenoiser(nn.Module):
         """Rows either side an output pixel depends on (the widest Gaussian's radius)."""
         return max(math.ceil(3 * GAIN_WINDOW), math.ceil(3 * self.window))
 
-    def prepare(self, source: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-        return whole_frame_sigma(source, rows)
-
-    def forward(self, image: torch.Tensor, source: torch.Tensor,
-                sigma_in: torch.Tensor | None = None) -> torch.Tensor:
-        """``sigma_in``: ``prepare(whole input)`` when ``source`` is a band of it."""
-        dtype = image.dtype
-        with torch.autocast(image.device.type, enabled=False):
-            y, x = image.float(), source.float()
-            if sigma_in is None:
-                sigma_in = noise_sigma(x)
-            sigma = self.strength * sigma_in.float()[:, :, None, None]
-            noise_var = (sigma * local_gain(y, x)) ** 2
-            mu = gaussian_blur(y, self.window)
-            var = (gaussian_blur(y * y, self.window) - mu * mu).clamp_min(0)
-            keep = (var - noise_var).clamp_min(0) / var.clamp_min(1e-8)
-            out = mu + keep * (y - mu)
-        return out.to(dtype)
+    def filter(self, y: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        noise_var = (sigma[:, :, None, None] * local_gain(y, x)) ** 2
+        mu = gaussian_blur(y, self.window)
+        var = (gaussian_blur(y * y, self.window) - mu * mu).clamp_min(0)
+        keep = (var - noise_var).clamp_min(0) / var.clamp_min(1e-8)
+        return mu + keep * (y - mu)
 
 
 @BACKBONES.register("denoise")

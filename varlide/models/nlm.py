@@ -33,10 +33,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from varlide.models.backbones import BACKBONES
-from varlide.models.denoise import GAIN_WINDOW, local_gain, noise_sigma, whole_frame_sigma
+from varlide.models.denoise import GAIN_WINDOW, NoiseAwareBackbone, local_gain
 
 #: The smallest noise variance a weight is scaled by (a clean frame: only exact matches count).
 MIN_VAR = 1e-10
@@ -97,7 +96,7 @@ def nl_means(y: torch.Tensor, var: torch.Tensor, patch: int, search: int,
     return (num + wmax * y) / (den + wmax)
 
 
-class NonLocalMeansDenoiser(nn.Module):
+class NonLocalMeansDenoiser(NoiseAwareBackbone):
     """``forward(image, source)``: non-local means on the curve output ``image`` at the noise
     level measured on ``source`` (module docstring). ``patch``: P (patches (2P+1)^2);
     ``search``: S (offsets up to S px each way); ``h``: the weight's bandwidth in noise
@@ -122,20 +121,8 @@ class NonLocalMeansDenoiser(nn.Module):
         gain's Gaussian around the pixel found."""
         return self.search + max(self.patch, math.ceil(3 * GAIN_WINDOW))
 
-    def prepare(self, source: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-        return whole_frame_sigma(source, rows)
-
-    def forward(self, image: torch.Tensor, source: torch.Tensor,
-                sigma_in: torch.Tensor | None = None) -> torch.Tensor:
-        """``sigma_in``: ``prepare(whole input)`` when ``source`` is a band of it."""
-        dtype = image.dtype
-        with torch.autocast(image.device.type, enabled=False):
-            y, x = image.float(), source.float()
-            if sigma_in is None:
-                sigma_in = noise_sigma(x)
-            var = noise_variance(y, x, self.strength * sigma_in.float())
-            out = nl_means(y, var, self.patch, self.search, self.h)
-        return out.to(dtype)
+    def filter(self, y: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return nl_means(y, noise_variance(y, x, sigma), self.patch, self.search, self.h)
 
 
 @BACKBONES.register("nlm")

@@ -22,7 +22,7 @@ import torch
 
 from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult, autocast_for
 from varlide.models.curve_net import CurveNet, apply_curves
-from varlide.models.varlide_lite import (
+from varlide.models.pretrained import (
     WEIGHTS_FILE,
     Pretrained,
     default_weights_dir,
