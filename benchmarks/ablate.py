@@ -321,24 +321,32 @@ def stage_sets(data_root: str, limit: int | None, seeds: int, dev_max_side: int 
     return synthetic + [s for s in real if s.name != "synthetic"]
 
 
-def stage_enhancers(weights: str | None):
-    """Per-stage rows, as a user runs them (default routing): the baseline with and without
+def stage_enhancers(weights: str | None, restorer: str | None = None):
+    """Per-stage rows, as a user runs them (default routing): the baselines with and without
     the denoiser, then varlide-lite's stages added one at a time. No VGPM row: the shipped
-    weights have none (METHOD.md, "The shipped weights")."""
+    weights have none (METHOD.md, "The shipped weights"). The learned deblurring row needs
+    restorer weights (``restorer``, else the shipped ones when present)."""
     from varlide.models.base import create_enhancer
+    from varlide.models.pretrained import WEIGHTS_FILE, default_weights_dir
 
     def lite(**kw):
         return create_enhancer("varlide-lite", weights=weights, **kw)
 
+    if restorer is None and (default_weights_dir("restorer") / WEIGHTS_FILE).is_file():
+        restorer = str(default_weights_dir("restorer"))
+    learned = ({"+ learned deblur": lite(deblur={"method": "learned", "weights": restorer})}
+               if restorer else {})
     return {
         "input": None,
+        "zero-dce": create_enhancer("zero-dce"),
         "classic-curve": create_enhancer("classic-curve"),
         "classic-curve + denoise": create_enhancer("classic-curve", backbone="denoise"),
         "curve alone": lite(backbone="identity", highlights=False),
         "curve + highlights": lite(backbone="identity"),
         "+ denoise (default)": lite(),
         "+ nlm instead of denoise": lite(backbone="nlm"),
-        "+ deblur": lite(deblur=True),
+        "+ blind deblur": lite(deblur=True),
+        **learned,
     }
 
 
@@ -350,7 +358,7 @@ def cmd_stages(args) -> None:
     sets = stage_sets(args.data_root, args.max_images, args.seeds, args.dev_max_side)
     for s in sets:
         print(f"set {s.name}: {len(s)} images ({s.description})", flush=True)
-    per = measure(stage_enhancers(args.weights), sets, batch_size=4,
+    per = measure(stage_enhancers(args.weights, args.restorer), sets, batch_size=4,
                   iqa_max_side=args.iqa_max_side,
                   paired_metrics=("psnr", "ssim", "brightness", "overexposed", "colorfulness",
                                   "sharpness"),
@@ -431,6 +439,8 @@ def main(argv=None) -> None:
     g = sub.add_parser("stages", help="issue 12's per-stage ablation (default routing)")
     g.add_argument("--data-root", default="../shared/data")
     g.add_argument("--weights", default=None, help="varlide-lite weights (default: shipped)")
+    g.add_argument("--restorer", default=None,
+                   help="restorer weights for the learned-deblur row (default: shipped)")
     g.add_argument("--max-images", type=int, default=12)
     g.add_argument("--seeds", type=int, default=2)
     g.add_argument("--dev-max-side", type=int, default=512)

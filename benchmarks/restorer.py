@@ -7,7 +7,9 @@ Sets (paired; the reference is the sharp photograph):
   on) with mean luma 0.25-0.6, 256 px, blurred by ``varlide.demo.blur_pair`` (lines and
   random trajectories, 3-23 px, light noise), one seed per image;
 - ``synthetic-sharp``: nothing to fix: a stage must leave them alone (psnr against the input
-  >= 35 dB counts as unchanged).
+  >= 35 dB counts as unchanged);
+- ``--split``: the held-out SICE pairs four ways (noisy / clean x lines / trajectories), the
+  input and the ungated learned route only: what is denoising and what is deblurring.
 
 Rows: the input (no stage, the baseline), the blind route as shipped (gated), the learned
 route ungated and gated. Per row: mean psnr / ssim, frames worse than the input, frames
@@ -45,11 +47,23 @@ def _pairs(data: str | None, seeds: int) -> dict[str, list[tuple[torch.Tensor, t
         sets[f"synthetic-{preset}"] = [tensors(*it.load()) for it in items]
     sice = os.path.join(data or "", "train-sice")
     if data and os.path.isdir(sice):
-        sets["sice-blur"] = _sice_pairs(sice, tensors)
+        sets["sice-blur"] = _sice_pairs(sice)
     return sets
 
 
-def _sice_pairs(sice: str, tensors) -> list:
+def _split_sets(data: str) -> dict[str, list]:
+    """``--split``: the held-out SICE pairs four ways (noise on / off x straight lines /
+    random trajectories), to tell what a restorer gains from denoising and from deblurring."""
+    sice = os.path.join(data, "train-sice")
+    out = {}
+    for noise in (True, False):
+        for traj in (0.0, 1.0):
+            name = f"sice-{'noisy' if noise else 'clean'}-{'traj' if traj else 'lines'}"
+            out[name] = _sice_pairs(sice, noise=noise, trajectory_prob=traj)
+    return out
+
+
+def _sice_pairs(sice: str, noise: bool = True, trajectory_prob: float = 0.5) -> list:
     import torch.nn.functional as F
     from PIL import Image
 
@@ -66,8 +80,9 @@ def _sice_pairs(sice: str, tensors) -> list:
         if not 0.25 <= float(clean.mean()) <= 0.6:
             continue
         clean_hwc = np.ascontiguousarray(clean.permute(1, 2, 0).numpy())
-        low, _ = blur_pair(clean_hwc, np.random.default_rng([7, i]), sharp_prob=0.0)
-        out.append(tensors(low, clean_hwc))
+        low, _ = blur_pair(clean_hwc, np.random.default_rng([7, i]), sharp_prob=0.0,
+                           noise=noise, trajectory_prob=trajectory_prob)
+        out.append((torch.from_numpy(low).permute(2, 0, 1)[None], clean[None]))
     return out
 
 
@@ -125,10 +140,19 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=None, help="../shared/data (adds sice-blur)")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--split", action="store_true", help="only the input and the ungated "
+                   "learned route, on the held-out SICE pairs split by noise and kernel kind")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sets = _pairs(args.data, args.seeds)
     stages = _stages(args.weights)
+    if args.split:
+        if not args.data:
+            p.error("--split needs --data")
+        sets = _split_sets(args.data)
+        stages = {k: v for k, v in stages.items() if k in ("input (no stage)",
+                                                           "learned, ungated")}
+    else:
+        sets = _pairs(args.data, args.seeds)
     print("| set | stage | images | psnr | ssim | applied | worse than input | changed "
           "| s / 1280x720 |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -140,10 +164,11 @@ def main(argv=None) -> None:
             print(f"| {set_name} | {name} | {m['n']} | {m['psnr']:.2f} | {m['ssim']:.4f} | "
                   f"{m['applied']} | {m['worse']} | {m['changed']} | {speeds[name]:.2f} |",
                   flush=True)
+    row = "learned, ungated" if args.split else "learned, gated"
     gains = ", ".join(
-        f"{s} {results[s, 'learned, gated']['psnr'] - results[s, 'input (no stage)']['psnr']:+.2f}"
-        for s in sets if s.endswith("-blur"))
-    print(f"\nratio (learned gated - input, dB): {gains}")
+        f"{s} {results[s, row]['psnr'] - results[s, 'input (no stage)']['psnr']:+.2f}"
+        for s in sets if "blur" in s or args.split)
+    print(f"\nratio ({row} - input, dB): {gains}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,16 @@ Batches
     default) scores the *augmented* crop, so Theta_v and Theta_b see the v and b they will
     be given at inference. Batches are made in a background thread, ahead of the step.
     A resumed run draws the same batches as an uninterrupted one.
+Paired models
+    An enhancer registered ``paired`` (the ``restorer``, the learned deblurring stage) trains
+    on (degraded, clean) pairs made the same way from the same crops, by
+    ``varlide.demo.blur_pair``: motion blur 1..``kernel_max`` px (a ``trajectory_prob`` share
+    random camera-shake trajectories, else straight lines), the demo's Poisson-Gaussian
+    noise, the 8-bit grid. The clean crop travels with the batch and reaches the loss
+    (``restore``) as ``out["reference"]``; the held-out crops become such pairs too, and
+    validation reports ``val/psnr_paired`` against ``val/psnr_paired_input``. Its registry
+    entry's ``train_defaults`` (lr, crop, batch size ...) apply unless the config names them
+    (``train_defaults()``).
 Optimisation
     Adam (``lr``, ``weight_decay``), gradient-norm clip, a cosine learning-rate decay to
     ``lr * lr_final``, a linear warm-up; VICM's soft truncation mask with its temperature

@@ -16,7 +16,7 @@ whole frame, so bands change nothing but float noise (``tests/test_restorer.py``
 ``LearnedDeblur`` is the stage ``varlide-lite`` calls (``enhancer_options: {deblur:
 learned}``): the network, then the same do-no-harm gate as the blind route
 (``varlide.models.deblur.gate``: sharpness must rise, flat regions must not ring, nothing
-more clipped); its rows record the decision and a NaN kernel length (no kernel is
+more clipped); its rows record the decision and a null kernel length (no kernel is
 estimated). ``restorer`` is also an enhancer of its own (deblurring only: route ``deblur``
 where b >= ``full_blur``, else ``skip``), which is what ``varlide train`` trains.
 """
@@ -269,7 +269,7 @@ def learned_deblur(options: dict[str, Any]) -> LearnedDeblur:
 
 
 @ENHANCERS.register(NAME, trainable=True, model=Restorer, default_loss="restore",
-                    ships_weights=True, paired=True,
+                    ships_weights=False, paired=True,
                     train_defaults={"lr": 1e-3, "lr_final": 0.02, "warmup": 100, "crop": 128,
                                     "batch_size": 8, "weight_decay": 0.0, "grad_clip": 1.0,
                                     "val_crop": 192, "val_every": 500,

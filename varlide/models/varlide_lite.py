@@ -87,8 +87,9 @@ HIGHLIGHTS_TAG = "hl"  # in ``version`` when outputs go through ``tone.protect_h
 def deblur_stage(option: bool | str | dict[str, Any] | None):
     """The ``deblur`` inference option: False/None (off); True or ``blind``
     (``DeblurSettings()``); ``learned`` (``varlide.models.restorer.LearnedDeblur`` with the
-    shipped restorer weights); or a dict: ``method`` (``blind``, the default, or
-    ``learned``) and that method's settings."""
+    weights in ``varlide/models/shipped/restorer/``: none ship yet, docs/METHOD.md); or a
+    dict: ``method`` (``blind``, the default, or ``learned``, whose ``weights`` names a
+    ``varlide train --enhancer restorer`` output) and that method's settings."""
     if option is None or option is False:
         return None
     if option is True:
@@ -246,9 +247,17 @@ class VarlideLite(Pretrained, Enhancer):
         self.downscale = downscale
         self.highlights = bool(highlights)
         self.deblur = deblur_stage(deblur)
+        self.set_workspace(self.workspace)
         c = self.config
         self.backbone = build_backbone(backbone or c.backbone, **c.backbone_kwargs())
         self._compiled: dict[str, Any] = {}
+
+    def set_workspace(self, nbytes: int | None) -> None:
+        """The memory budget of one step, for the curve's bands and a learned deblurring
+        stage's (the blind stage works on whole-frame planes)."""
+        super().set_workspace(nbytes)
+        if hasattr(self.deblur, "model"):
+            self.deblur.model.set_workspace(nbytes)
 
     # ---------------------------------------------------------------- training forward
 
