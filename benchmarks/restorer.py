@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 import torch
@@ -119,17 +118,13 @@ def _measure(stage, pairs) -> dict[str, float]:
             "changed": changed, "applied": applied, "n": len(pairs)}
 
 
-def _speed(stage, repeats: int = 2) -> float:
+def _speed(stage) -> float:
+    from benchmarks._common import median_seconds
+
     if stage is None:
         return 0.0
     x = torch.rand(1, 3, 720, 1280) * 0.5 + 0.2
-    stage(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        stage(x)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return median_seconds(lambda: stage(x), x.device, iters=1, warmup=1)
 
 
 def main(argv=None) -> None:

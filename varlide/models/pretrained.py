@@ -184,6 +184,15 @@ class Pretrained:
                 f"({self.trained_prior_model}) scores, but is given {backend} ({model}) "
                 "scores: calibrate that backend onto the trained scale or retrain on it")
 
+    @classmethod
+    def from_pretrained(cls, path_or_uri: str | Path, **inference: Any):
+        """Load a folder / .safetensors written by ``save_pretrained``; ``inference`` are the
+        model's own inference settings (routing, precision ...: its constructor keywords)."""
+        meta, state, digest = cls.read_pretrained(path_or_uri)
+        model = cls(cls.config_from_meta(meta), **inference)
+        model._adopt(meta, state, digest)
+        return model
+
     def _adopt(self, meta: dict, state: dict[str, torch.Tensor], digest: str) -> None:
         check_state_dict(self, state, f"{self.name} weights {digest[:12]}")
         self.load_state_dict(state, strict=True)

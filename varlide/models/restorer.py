@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -201,13 +200,6 @@ class Restorer(Pretrained, Enhancer):
                 out[i:i + 1] = r.images
                 res.deblur[i] = r.decision[0]
         return res
-
-    @classmethod
-    def from_pretrained(cls, path_or_uri: str | Path, **inference: Any) -> Restorer:
-        meta, state, digest = cls.read_pretrained(path_or_uri)
-        model = cls(cls.config_from_meta(meta), **inference)
-        model._adopt(meta, state, digest)
-        return model
 
 
 @dataclass(frozen=True)

@@ -426,15 +426,6 @@ class VarlideLite(Pretrained, Enhancer):
 
     # ---------------------------------------------------------------- weights
 
-    @classmethod
-    def from_pretrained(cls, path_or_uri: str | Path, **inference: Any) -> VarlideLite:
-        """Load a folder / .safetensors written by ``save_pretrained``; ``inference`` are
-        routing / precision settings (see ``set_inference``)."""
-        meta, state, digest = cls.read_pretrained(path_or_uri)
-        model = cls(cls.config_from_meta(meta), **inference)
-        model._adopt(meta, state, digest)
-        return model
-
 
 @ENHANCERS.register("varlide-lite", trainable=True, model=VarlideLite, default_loss="varlide",
                     ships_weights=True, backbone_slot=True)

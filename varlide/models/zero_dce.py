@@ -15,7 +15,6 @@ Weights: the same ``save_pretrained`` / ``from_pretrained`` format as ``varlide-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,13 +87,6 @@ class ZeroDCE(Pretrained, Enhancer):
             n_iter=torch.full((n,), self.config.n_iter, dtype=torch.int16, device=dev),
             phase_strength=None,
         )
-
-    @classmethod
-    def from_pretrained(cls, path_or_uri: str | Path, **inference: Any) -> ZeroDCE:
-        meta, state, digest = cls.read_pretrained(path_or_uri)
-        model = cls(cls.config_from_meta(meta), **inference)
-        model._adopt(meta, state, digest)
-        return model
 
 
 @ENHANCERS.register("zero-dce", trainable=True, model=ZeroDCE, default_loss="zero-dce",
