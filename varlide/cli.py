@@ -355,9 +355,17 @@ def _weights_parser(sub: argparse._SubParsersAction) -> None:
                        "present, `pull` what is missing (online) into the libraries' caches "
                        "and record size + sha256 in the lock file, `mirror URI` the cache + "
                        "lock to a bucket/folder, `sync URI` a worker's cache from it, `verify` "
-                       "every locked file. Selection: the same config as `enhance`.")
-    p.add_argument("action", choices=["list", "pull", "mirror", "sync", "verify"])
-    p.add_argument("uri", nargs="?", help="mirror / sync: the bucket prefix or folder")
+                       "every locked file, `convert SRC DST` a VARSR training checkpoint to "
+                       "a slim safetensors file (model tensors only, loads without a "
+                       "pickle). Selection: the same config as `enhance`.")
+    p.add_argument("action", choices=["list", "pull", "mirror", "sync", "verify", "convert"])
+    p.add_argument("uri", nargs="?", help="mirror / sync: the bucket prefix or folder; "
+                   "convert: the authors' checkpoint (VARSR.pth, VQVAE.pth)")
+    p.add_argument("dst", nargs="?", help="convert: the safetensors file to write")
+    p.add_argument("--key", help="convert: the model inside ['trainer'] (default: "
+                   "var_wo_ddp or vae_local, whichever the file holds)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                   help="convert: cast floating tensors (default: as stored)")
     p.add_argument("--config", help="YAML of config fields (the run's)")
     p.add_argument("--prior")
     p.add_argument("--prior-model")
@@ -380,6 +388,9 @@ WEIGHTS_FLAGS = ("prior", "prior_model", "metrics", "reference_metrics", "enhanc
 
 def cmd_weights(args: argparse.Namespace) -> int:
     from varlide import resolver, weights
+
+    if args.action == "convert":
+        return _convert_weights(args)
 
     cfg = _config(args.config, {k: getattr(args, k) for k in WEIGHTS_FLAGS})
     resolver.use_cache(cfg)
@@ -426,6 +437,26 @@ def cmd_weights(args: argparse.Namespace) -> int:
     if failed:
         print("error: " + "; ".join(f"{a.path}: {a.detail}" for a in failed), file=sys.stderr)
         return EXIT_FAILED_SHARDS
+    return EXIT_OK
+
+
+def _convert_weights(args: argparse.Namespace) -> int:
+    """``varlide weights convert SRC DST``: the model tensors of an authors' checkpoint."""
+    if not args.uri or not args.dst:
+        raise ConfigError("`varlide weights convert` needs SRC (the authors' .pth) and DST "
+                          "(the .safetensors file to write)")
+    from varlide.models.var.checkpoints import convert
+
+    try:
+        summary = convert(args.uri, args.dst, key=args.key, dtype=args.dtype)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from None
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"converted {args.uri} ['trainer'][{summary['key']!r}]: {summary['tensors']} "
+              f"tensors, {summary['parameters'] / 1e6:.1f} M values, "
+              f"{summary['bytes'] / 1e6:.1f} MB -> {summary['dst']}")
     return EXIT_OK
 
 

@@ -1,6 +1,7 @@
-"""The VAR backbone for issue 13 (``varlide-var``): VARSR's modules, pure torch, no I/O.
+"""The VAR backbone of issue 13 (``varlide-var``): VARSR's modules in pure torch.
 
-Weights are loaded by the caller; nothing here reads files.
+The modules (``vqvae``, ``transformer``, ``rope``, ``refiner``) do no I/O; the authors'
+files are opened in one place, ``checkpoints`` (``files`` lists them as data).
 """
 
 from varlide.models.var.vqvae import RELEASED_PATCH_NUMS, MultiScaleTokens, MultiScaleVQVAE
