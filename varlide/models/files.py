@@ -19,6 +19,15 @@ def enhancers_with_default_weights() -> list[str]:
 
 
 def enhancer_files(name: str, weights: str | None) -> list[WeightFile]:
+    """The files a run of enhancer ``name`` with ``weights`` needs: its registry's
+    ``weight_files(weights)`` when it declares one (varlide-var's backbone files), else a
+    weights folder's two files, else the shipped ones."""
+    import varlide.models  # noqa: F401  (registers the built-in enhancers)
+    from varlide.models.base import ENHANCERS
+
+    if name in ENHANCERS and ENHANCERS.info(name).get("weight_files") and not (
+            weights or "").startswith("models:/"):
+        return ENHANCERS.info(name)["weight_files"](weights)
     note = (f"made by `varlide train DATA OUT --enhancer {name}`; copy OUT/final/ to "
             f"{package_dir() / name}/ or pass --weights")
     if weights:

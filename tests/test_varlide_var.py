@@ -1,0 +1,134 @@
+"""``varlide-var``: VICM -> VARSR backbone -> VGPM as an enhancer (tiny random backbones)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from varlide.models.base import create_enhancer
+from varlide.models.pretrained import WEIGHTS_FILE, default_weights_dir, weights_sha256
+from varlide.models.var.varsr import restore
+from varlide.models.varlide_var import BACKBONE_FILES, VarlideVar, VarlideVarConfig
+
+PATCH_NUMS = (1, 2, 4)
+TINY = VarlideVarConfig(
+    transformer=dict(depth=1, width=32, heads=2, vocab_size=32, cvae=8, patch_nums=PATCH_NUMS,
+                     prefix_side=4, cond_channels=(8, 16, 16), refiner_width=16,
+                     refiner_depth=1),
+    tokenizer=dict(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2, 2),
+                   patch_nums=PATCH_NUMS),
+    overlap=2, tile_batch=8)
+TILE = 16  # tokenizer: 4 tokens x 4 (two downsamplings)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _tiny_folder(tmp_path, seed: int = 0):
+    torch.manual_seed(seed)
+    model = VarlideVar(TINY)
+    with torch.no_grad():
+        for p in [*model.var.parameters(), *model.vae.parameters()]:
+            p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path / "w"
+    version = model.save_pretrained(folder)
+    return model, folder, version
+
+
+def test_weights_folder_round_trip_and_version(tmp_path):
+    model, folder, version = _tiny_folder(tmp_path)
+    assert {p.name for p in folder.iterdir()} == {"config.json", WEIGHTS_FILE,
+                                                  *BACKBONE_FILES.values()}
+    loaded = create_enhancer("varlide-var", weights=str(folder))
+    assert loaded.version == version and version.endswith("+t16o2+hl")
+    var_sha = weights_sha256((folder / BACKBONE_FILES["var"]).read_bytes())
+    assert f"+var{var_sha[:8]}+" in version
+    for a, b in zip(loaded.var.state_dict().values(), model.var.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+def test_routes_skip_and_full_and_one_tile_equals_the_backbone(tmp_path):
+    _, folder, _ = _tiny_folder(tmp_path)
+    enh = create_enhancer("varlide-var", weights=str(folder), highlights=False)
+    x = torch.rand(2, 3, TILE, TILE) * 0.2
+    res = enh.enhance(x, torch.tensor([0.9, 0.1]), torch.tensor([0.2, 0.2]))
+    assert res.route == ["skip", "full"]
+    torch.testing.assert_close(res.images[0], x[0])
+    assert int(res.n_iter[1]) > 0 and int(res.n_iter[0]) == 0
+    with torch.no_grad():  # one frame that is exactly one tile: VICM, then the backbone
+        curve = enh.vicm(x[1:], torch.tensor([0.1]), mask="hard")["image"].clamp(0, 1)
+        direct = restore(enh.var, enh.vae, curve, seed=0)
+    torch.testing.assert_close(res.images[1:], direct, atol=1e-6, rtol=0)
+
+
+def test_any_size_goes_through_tiles(tmp_path):
+    _, folder, _ = _tiny_folder(tmp_path)
+    enh = create_enhancer("varlide-var", weights=str(folder))
+    x = torch.rand(2, 3, 37, 50) * 0.2
+    res = enh.enhance(x, torch.tensor([0.1, 0.2]), torch.tensor([0.2, 0.5]))
+    assert res.images.shape == x.shape and res.route == ["full", "full"]
+    assert 0 <= float(res.images.min()) and float(res.images.max()) <= 1
+    assert float(res.images.mean()) > float(x.mean())  # VICM brightened them
+
+
+def test_missing_backbone_files_name_the_commands(tmp_path):
+    _, folder, _ = _tiny_folder(tmp_path)
+    (folder / BACKBONE_FILES["var"]).unlink()
+    with pytest.raises(FileNotFoundError, match="varlide weights convert VARSR.pth"):
+        create_enhancer("varlide-var", weights=str(folder))
+    with pytest.raises(FileNotFoundError, match="No VAR weights ship"):
+        create_enhancer("varlide-var")
+
+
+def test_front_end_defaults_to_the_shipped_curve(tmp_path):
+    _, folder, _ = _tiny_folder(tmp_path)
+    (folder / WEIGHTS_FILE).unlink()
+    (folder / "config.json").unlink()  # sizes back to the release's: rewrite a tiny one
+    VarlideVar(TINY).save_pretrained(tmp_path / "cfg")
+    (folder / "config.json").write_bytes((tmp_path / "cfg" / "config.json").read_bytes())
+    enh = create_enhancer("varlide-var", weights=str(folder))
+    shipped = (default_weights_dir("varlide-lite") / WEIGHTS_FILE).read_bytes()
+    assert enh.version.startswith(weights_sha256(shipped)[:12])
+
+
+def test_full_size_refuses_cpu_unless_forced():
+    with torch.device("meta"):
+        enh = VarlideVar()
+        forced = VarlideVar(allow_cpu=True)
+    assert enh.full_size
+    with pytest.raises(RuntimeError, match="allow_cpu"):
+        enh._check_device(torch.device("cpu"))
+    forced._check_device(torch.device("cpu"))  # no error
+    enh._check_device(torch.device("cuda"))  # the GPU is fine
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_varlide_enhance_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, mlflow_sqlite):
+    from varlide.cli import main
+
+    _, folder, version = _tiny_folder(tmp_path)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        arr = (rng.random((24 + 8 * i, 40, 3)) * 40).astype(np.uint8)  # dark: route full
+        Image.fromarray(arr).save(inp / f"f{i}.png")
+    out = tmp_path / "out"
+    code = main(["enhance", str(inp), str(out), "--enhancer", "varlide-var", "--weights",
+                 str(folder), "--metrics", "brightness", "--no-progress", "--format", "png"])
+    assert code == 0
+    files = sorted(out.glob("scores/**/*.parquet"))
+    df = pd.concat([pd.read_parquet(f) for f in files])
+    assert len(df) == 3 and set(df["status"]) == {"ok"}
+    assert set(df["enhancer"]) == {"varlide-var"}
+    assert set(df["enhancer_version"]) == {version}
+    assert set(df["route"]) == {"full"}
