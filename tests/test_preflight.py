@@ -18,8 +18,8 @@ from test_cli_no_server import assert_no_server, corpus, run_cli_calls
 
 # name -> (extra argv, strings the message must contain: the bad value, then valid ones)
 BAD_NAMES = {
-    "enhancer": (["--enhancer", "varlide-var"],
-                 ["'varlide-var'", "classic-curve", "varlide-lite", "zero-dce"]),
+    "enhancer": (["--enhancer", "varlide-xl"],
+                 ["'varlide-xl'", "classic-curve", "varlide-lite", "varlide-var", "zero-dce"]),
     "metric": (["--metrics", "brightness,sharpnes"],
                ["'sharpnes'", "brightness", "entropy", "piqe", "sharpness"]),
     "prior": (["--prior", "analytik"], ["'analytik'", "analytic", "auto", "clip"]),

@@ -132,3 +132,25 @@ def test_varlide_enhance_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, mlflow_s
     assert set(df["enhancer"]) == {"varlide-var"}
     assert set(df["enhancer_version"]) == {version}
     assert set(df["route"]) == {"full"}
+
+
+def test_dry_run_without_backbone_files_stops_naming_them(tmp_path, capsys):
+    from varlide.cli import main
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(inp / "a.png")
+    for extra in ([], ["--weights", str(tmp_path / "nowhere")]):
+        code = main(["enhance", str(inp), str(tmp_path / "out"), "--enhancer", "varlide-var",
+                     "--dry-run", "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "varsr.safetensors" in err and "varlide weights convert" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_upstream_files_are_in_the_weights_catalogue():
+    from varlide.resolver import catalogue
+
+    used = {r.file.location: r.used_by for r in catalogue()}
+    for name in ("VARSR.pth", "VQVAE.pth"):
+        assert used[f"hf:qyp2000/VARSR/{name}"] == "enhancer varlide-var (upstream release)"

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from varlide.iqa.files import PYIQA_FILES, metric_files
-from varlide.models.files import enhancer_files, enhancers_with_default_weights
+from varlide.models.files import enhancer_files, enhancers_with_default_weights, published_files
 from varlide.priors import PRIORS
 from varlide.priors.clip_files import (
     SUPPORTED_CLIP_MODELS,
@@ -228,6 +228,8 @@ def catalogue() -> list[Requirement]:
              for (a, t), f in registered_clip_checkpoints().items()]
     for name in enhancers_with_default_weights():
         reqs += [Requirement(f, f"enhancer {name}", True) for f in enhancer_files(name, None)]
+    reqs += [Requirement(f, f"enhancer {name} (upstream release)", True)
+             for name, f in published_files()]
     for p in sorted((cache_dir() / "calibrations").glob("*.json")):
         reqs.append(Requirement(WeightFile(f"cache:calibrations/{p.name}", None,
                                            "calibration"), "calibration", True))

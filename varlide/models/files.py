@@ -18,6 +18,16 @@ def enhancers_with_default_weights() -> list[str]:
 
 
 
+def published_files() -> list[tuple[str, WeightFile]]:
+    """(enhancer, file) for the upstream files an enhancer is built from (its registry's
+    ``release_files``: varlide-var's VARSR.pth and VQVAE.pth), for ``weights pull --all``."""
+    import varlide.models  # noqa: F401  (registers the built-in enhancers)
+    from varlide.models.base import ENHANCERS
+
+    return [(name, f) for name in ENHANCERS.names_where("release_files")
+            for f in ENHANCERS.info(name)["release_files"]()]
+
+
 def enhancer_files(name: str, weights: str | None) -> list[WeightFile]:
     """The files a run of enhancer ``name`` with ``weights`` needs: its registry's
     ``weight_files(weights)`` when it declares one (varlide-var's backbone files), else a

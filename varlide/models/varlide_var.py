@@ -274,18 +274,27 @@ def missing_backbone_message(missing: list[Path]) -> str:
 
 
 def weight_files(weights: str | None) -> list:
-    """The files a run with ``weights`` needs (preflight names them when missing)."""
-    from varlide.weights.files import WeightFile
+    """The files a run with ``weights`` needs (preflight names them when missing); no
+    weights at all is the same error, before anything starts (none ship)."""
+    from varlide.weights.files import WeightFile, WeightsMissingError
 
     if not weights:
-        return []
+        raise WeightsMissingError(missing_backbone_message(
+            [Path("DIR") / f for f in BACKBONE_FILES.values()]))
     folder = Path(str(weights).removeprefix("file://")).expanduser().resolve()
     note = missing_backbone_message([folder / f for f in BACKBONE_FILES.values()])
     return [WeightFile(f"file:{folder / f}", None, "enhancer", note=note)
             for f in BACKBONE_FILES.values()]
 
 
-@ENHANCERS.register(NAME, trainable=False, ships_weights=False, weight_files=weight_files)
+def _release_files() -> list:
+    from varlide.models.var.files import released_weight_files
+
+    return released_weight_files()
+
+
+@ENHANCERS.register(NAME, trainable=False, ships_weights=False, weight_files=weight_files,
+                    release_files=_release_files)
 def _make_varlide_var(weights: str | None = None, **kw: Any) -> VarlideVar:
     """``weights``: a folder (see the module docstring); there is no default."""
     if weights is None:
