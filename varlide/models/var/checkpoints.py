@@ -23,8 +23,9 @@ FORMAT = "varsr-state-dict-1"
 
 def read_authors_state(path: str | Path, key: str | None = None) -> tuple[str, dict]:
     """``(key, state dict)`` from a checkpoint in the authors' nesting
-    (``['trainer'][key]``); ``key=None`` picks the one of ``var_wo_ddp`` / ``vae_local``
-    present. A file that is a safetensors file is read as the state dict itself."""
+    (``['trainer'][key]``; ``key=None`` picks the one of ``var_wo_ddp`` / ``vae_local``
+    present), from ``{key: state dict}``, or from a plain state dict file. A safetensors
+    file is read as the state dict itself."""
     path = str(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -34,6 +35,11 @@ def read_authors_state(path: str | Path, key: str | None = None) -> tuple[str, d
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # an old (non-zip) serialisation cannot be memory-mapped
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and key and isinstance(obj.get(key), dict):
+        obj = {"trainer": obj}  # {key: state dict}
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor)
+                                               for v in obj.values()):
+        return key or "", obj  # a plain state dict
     trainer = obj.get("trainer") if isinstance(obj, dict) else None
     if not isinstance(trainer, dict):
         raise ValueError(f"{path}: not a VARSR checkpoint (no ['trainer'] mapping; top-level "
