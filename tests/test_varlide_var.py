@@ -154,3 +154,20 @@ def test_the_upstream_files_are_in_the_weights_catalogue():
     used = {r.file.location: r.used_by for r in catalogue()}
     for name in ("VARSR.pth", "VQVAE.pth"):
         assert used[f"hf:qyp2000/VARSR/{name}"] == "enhancer varlide-var (upstream release)"
+
+
+def test_header_check_refuses_files_that_do_not_fit_without_loading_them(tmp_path):
+    import json
+
+    from varlide.models.varlide_var import check_weights
+
+    _, folder, _ = _tiny_folder(tmp_path)
+    check_weights(folder)  # fits
+    meta = json.loads((folder / "config.json").read_text())
+    meta["model"]["transformer"]["depth"] = 2  # the files hold one block
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="varsr.safetensors does not fit"):
+        check_weights(folder)
+    (folder / BACKBONE_FILES["vae"]).unlink()
+    with pytest.raises(FileNotFoundError, match="vqvae.safetensors"):
+        check_weights(folder)

@@ -337,12 +337,17 @@ def _check_enhancer_weights(cfg) -> None:
     usage error now (exit 2), not a shard failure after retries on every worker."""
     if not (cfg.enhance and cfg.enhancer_weights):
         return
-    from varlide.models import create_enhancer
+    from varlide.models import ENHANCERS, create_enhancer
     from varlide.resolver import local_weights
 
+    light = ENHANCERS.info(cfg.enhancer).get("check_weights") if cfg.enhancer in ENHANCERS \
+        else None  # a large model checks its files' headers instead of loading them
     try:
-        create_enhancer(cfg.enhancer, weights=local_weights(cfg.enhancer_weights), device="cpu",
-                        **cfg.enhancer_options)
+        if light:
+            light(local_weights(cfg.enhancer_weights), **cfg.enhancer_options)
+        else:
+            create_enhancer(cfg.enhancer, weights=local_weights(cfg.enhancer_weights),
+                            device="cpu", **cfg.enhancer_options)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"enhancer weights {cfg.enhancer_weights} cannot be used with "
                           f"--enhancer {cfg.enhancer}: {exc}") from None

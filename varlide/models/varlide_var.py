@@ -252,6 +252,32 @@ class VarlideVar(Enhancer):
         self.hashes["front"] = weights_sha256(data)
 
 
+def check_weights(folder: str | Path, **inference: Any) -> None:
+    """What ``from_pretrained`` would refuse, from the files' headers alone (no tensor is
+    read: the backbone files are gigabytes): missing files, and names or shapes that differ
+    from the model the folder's config builds (on the meta device)."""
+    from safetensors import safe_open
+
+    folder = Path(str(folder).removeprefix("file://")).expanduser()
+    missing = [folder / f for f in BACKBONE_FILES.values() if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(missing_backbone_message(missing))
+    meta = json.loads((folder / CONFIG_FILE).read_text()) if (
+        folder / CONFIG_FILE).is_file() else {"model": {}}
+    with torch.device("meta"):
+        model = VarlideVar(VarlideVarConfig(**meta.get("model", {})), **inference)
+    for part, fname in BACKBONE_FILES.items():
+        want = {k: tuple(v.shape) for k, v in (model.var if part == "var" else model.vae
+                                                ).state_dict().items()}
+        with safe_open(str(folder / fname), framework="pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        problems = sorted(set(want) ^ set(got))[:3] + [
+            f"{k}: {got[k]} != {want[k]}" for k in sorted(set(want) & set(got))
+            if got[k] != want[k]][:3]
+        if problems:
+            raise ValueError(f"{NAME} {fname} does not fit the model: {'; '.join(problems)}")
+
+
 class _Front(torch.nn.Module):
     """A state-dict holder for ``check_state_dict`` on the front-end tensors alone."""
 
@@ -294,7 +320,7 @@ def _release_files() -> list:
 
 
 @ENHANCERS.register(NAME, trainable=False, ships_weights=False, weight_files=weight_files,
-                    release_files=_release_files)
+                    release_files=_release_files, check_weights=check_weights)
 def _make_varlide_var(weights: str | None = None, **kw: Any) -> VarlideVar:
     """``weights``: a folder (see the module docstring); there is no default."""
     if weights is None:
