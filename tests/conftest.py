@@ -16,6 +16,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VARLIDE_SHARED_DATA", REPO.parent / "shared" / "data"))
+VARSR_LAYOUT = SHARED_DATA.parent / "reference" / "varsr_state_dict_layout.json"
 
 
 def free_port() -> int:
@@ -30,6 +31,28 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent (tests read real images there)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def varsr_layout() -> dict:
+    """The released VARSR checkpoints' tensor names and shapes (../shared/reference), by
+    checkpoint key, or a clean skip naming the missing file."""
+    import json
+
+    if not VARSR_LAYOUT.is_file():
+        pytest.skip(f"{VARSR_LAYOUT} is absent (the layout of the released checkpoints)")
+    return json.loads(VARSR_LAYOUT.read_text())
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (small models: threads cost more than they give)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")

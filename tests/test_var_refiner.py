@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,17 +22,10 @@ from varlide.models.var.refiner import (
     timestep_embedding,
 )
 
-LAYOUT = (Path(__file__).resolve().parents[2] / "shared" / "reference"
-          / "varsr_state_dict_layout.json")
 C, D, W, DEPTH = 4, 6, 16, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(seed: int = 0, std: float = 0.3) -> DiffusionRefiner:
@@ -51,10 +42,8 @@ def _noise(n: int, steps: int = 10, seed: int = 1) -> torch.Tensor:
     return torch.randn(steps + 1, n, C, generator=torch.Generator().manual_seed(seed))
 
 
-def test_state_dict_matches_released_layout():
-    if not LAYOUT.is_file():
-        pytest.skip(f"layout not found: {LAYOUT}")
-    want = {k: list(v) for k, v in json.loads(LAYOUT.read_text())["var_wo_ddp"].items()
+def test_state_dict_matches_released_layout(varsr_layout):
+    want = {k: list(v) for k, v in varsr_layout["var_wo_ddp"].items()
             if k.startswith("diffloss.")}
     assert len(want) == 60
     with torch.device("meta"):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from var_helpers import cached_logits, transformer_inputs
 
 from varlide.models.var.rope import SARoPE, rotation_from_angles
 from varlide.models.var.sfrope import (
@@ -19,20 +18,13 @@ from varlide.models.var.sfrope import (
 )
 from varlide.models.var.transformer import RELEASED_PATCH_NUMS, VARTransformer
 
-LAYOUT = (Path(__file__).resolve().parents[2] / "shared" / "reference"
-          / "varsr_state_dict_layout.json")
 TINY = dict(depth=2, width=64, heads=2, vocab_size=32, cvae=8, patch_nums=(1, 2, 3),
             prefix_side=3, cond_channels=(8, 16))
 SIDE = 6  # prefix side 3 x 2 (one stride-2 conv)
 SF_KEYS = ["rope.sfrope_lambda_raw", "rope.sfrope_phase.weight"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sf(fusion: str = "angle", lambda_shape: str = "global") -> SFRoPE:
@@ -53,20 +45,7 @@ def _pair(fusion: str = "angle", lambda_shape: str = "global", seed: int = 0):
 
 
 def _inputs(model: VARTransformer, b: int = 2, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    lr = torch.rand(b, 3, SIDE, SIDE, generator=g) * 2 - 1
-    x = torch.randn(b, model.L - 1, model.cvae, generator=g)
-    return lr, x
-
-
-def _cached_logits(model: VARTransformer, lr: torch.Tensor, label: torch.Tensor,
-                   x: torch.Tensor) -> list[torch.Tensor]:
-    out = [model.prefill(lr, label).logits]
-    first = model.first_l
-    for si in range(1, len(model.patch_nums)):
-        a, b = model.scale_bounds(si)
-        out.append(model.step(si, x[:, a - first:b - first]).logits)
-    return out
+    return transformer_inputs(model, SIDE, b, seed)
 
 
 @pytest.mark.parametrize("fusion", ["angle", "complex"])
@@ -91,8 +70,8 @@ def test_lambda_zero_transformer_equals_sa_rope_bit_for_bit(fusion: str):
         ref, out = (m.forward_teacher_forcing(lr, label, x) for m in (plain, model))
         assert torch.equal(out.logits, ref.logits)
         assert torch.equal(out.last_hidden, ref.last_hidden)
-        for got, want in zip(_cached_logits(model, lr, label, x),
-                             _cached_logits(plain, lr, label, x), strict=True):
+        for got, want in zip(cached_logits(model, lr, label, x),
+                             cached_logits(plain, lr, label, x), strict=True):
             assert torch.equal(got, want)
 
 
@@ -109,7 +88,7 @@ def test_nonzero_lambda_cached_equals_teacher_forcing(fusion: str, lambda_shape:
     x2 = x.repeat(2, 1, 1)
     with torch.no_grad():
         ref = model.forward_teacher_forcing(lr.repeat(2, 1, 1, 1), label, x2).logits
-        cached = torch.cat(_cached_logits(model, lr, label, x2), dim=1)
+        cached = torch.cat(cached_logits(model, lr, label, x2), dim=1)
         sa = plain.forward_teacher_forcing(lr.repeat(2, 1, 1, 1), label, x2).logits
     torch.testing.assert_close(cached, ref, atol=1e-5, rtol=1e-5)
     assert (ref - sa).abs().max() > 1e-4  # the frequency branch is live
@@ -242,10 +221,8 @@ def test_released_load_allows_exactly_the_sfrope_keys():
         load_released_state_dict(model, partial)
 
 
-def test_full_size_layout_is_the_release_plus_the_sfrope_parameters():
-    if not LAYOUT.is_file():
-        pytest.skip(f"{LAYOUT} is absent")
-    layout = json.loads(LAYOUT.read_text())["var_wo_ddp"]
+def test_full_size_layout_is_the_release_plus_the_sfrope_parameters(varsr_layout):
+    layout = varsr_layout["var_wo_ddp"]
     expected = {k: v for k, v in layout.items() if not k.startswith("diffloss.")}
     with torch.device("meta"):
         model = VARTransformer(rope=SFRoPE(64, RELEASED_PATCH_NUMS, 32, prefix_side=32))

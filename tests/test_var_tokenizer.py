@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,11 @@ import torch.nn.functional as F
 from varlide.models.var import RELEASED_PATCH_NUMS, MultiScaleVQVAE
 from varlide.models.var.vqvae import phi_index, phi_ticks
 
-LAYOUT = (Path(__file__).resolve().parents[2] / "shared" / "reference"
-          / "varsr_state_dict_layout.json")
 TINY = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), patch_nums=(1, 2, 4))
 SIDE = 8  # 4 tokens x 2 (one downsampling)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(seed: int = 0) -> MultiScaleVQVAE:
@@ -40,10 +32,8 @@ def _images(n: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, SIDE, SIDE, generator=g) * 2 - 1
 
 
-def test_full_size_state_dict_matches_the_released_layout():
-    if not LAYOUT.is_file():
-        pytest.skip(f"{LAYOUT} is absent")
-    expected = json.loads(LAYOUT.read_text())["vae_local"]
+def test_full_size_state_dict_matches_the_released_layout(varsr_layout):
+    expected = varsr_layout["vae_local"]
     with torch.device("meta"):
         model = MultiScaleVQVAE()
     got = {k: list(v.shape) for k, v in model.state_dict().items()}

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from var_helpers import cached_logits, transformer_inputs
 
 from varlide.models.var.rope import (
     RotaryEmbedding,
@@ -17,19 +15,12 @@ from varlide.models.var.rope import (
 )
 from varlide.models.var.transformer import RELEASED_PATCH_NUMS, VARTransformer
 
-LAYOUT = (Path(__file__).resolve().parents[2] / "shared" / "reference"
-          / "varsr_state_dict_layout.json")
 TINY = dict(depth=2, width=64, heads=2, vocab_size=32, cvae=8, patch_nums=(1, 2, 3),
             prefix_side=3, cond_channels=(8, 16))
 SIDE = 6  # prefix side 3 x 2 (one stride-2 conv)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(seed: int = 0, **kw) -> VARTransformer:
@@ -42,26 +33,11 @@ def _tiny(seed: int = 0, **kw) -> VARTransformer:
 
 
 def _inputs(model: VARTransformer, b: int = 2, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    lr = torch.rand(b, 3, SIDE, SIDE, generator=g) * 2 - 1
-    x = torch.randn(b, model.L - 1, model.cvae, generator=g)
-    return lr, x
+    return transformer_inputs(model, SIDE, b, seed)
 
 
-def _cached_logits(model: VARTransformer, lr: torch.Tensor, label: torch.Tensor,
-                   x: torch.Tensor) -> list[torch.Tensor]:
-    out = [model.prefill(lr, label).logits]
-    first = model.first_l
-    for si in range(1, len(model.patch_nums)):
-        a, b = model.scale_bounds(si)
-        out.append(model.step(si, x[:, a - first:b - first]).logits)
-    return out
-
-
-def test_full_size_state_dict_matches_the_released_layout():
-    if not LAYOUT.is_file():
-        pytest.skip(f"{LAYOUT} is absent")
-    layout = json.loads(LAYOUT.read_text())["var_wo_ddp"]
+def test_full_size_state_dict_matches_the_released_layout(varsr_layout):
+    layout = varsr_layout["var_wo_ddp"]
     expected = {k: v for k, v in layout.items() if not k.startswith("diffloss.")}
     with torch.device("meta"):
         model = VARTransformer()
@@ -105,7 +81,7 @@ def test_cached_path_equals_teacher_forcing_with_a_doubled_batch():
     x2 = x.repeat(2, 1, 1)
     with torch.no_grad():
         ref = model.forward_teacher_forcing(lr.repeat(2, 1, 1, 1), label, x2).logits
-        cached = _cached_logits(model, lr, label, x2)
+        cached = cached_logits(model, lr, label, x2)
     assert [c.shape[1] for c in cached] == [1, 4, 9]
     torch.testing.assert_close(torch.cat(cached, dim=1), ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(ref[:2], ref[2:], atol=1e-3)  # the label does matter
@@ -204,7 +180,7 @@ def test_a_custom_rotary_embedding_plugs_in_and_keeps_the_cache_consistent():
     label = torch.tensor([0, 1])
     with torch.no_grad():
         ref = model.forward_teacher_forcing(lr, label, x).logits
-        cached = torch.cat(_cached_logits(model, lr, label, x), dim=1)
+        cached = torch.cat(cached_logits(model, lr, label, x), dim=1)
         sa = plain.forward_teacher_forcing(lr, label, x).logits
         model.rope.lam.zero_()  # lambda 0: SA-RoPE exactly
         at_zero = model.forward_teacher_forcing(lr, label, x).logits

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,6 @@ from varlide.models.var.varsr import (
 )
 from varlide.models.var.vqvae import MultiScaleVQVAE
 
-LAYOUT = (Path(__file__).resolve().parents[2] / "shared" / "reference"
-          / "varsr_state_dict_layout.json")
 PATCH_NUMS = (1, 2, 4)
 TINY_VAR = dict(depth=2, width=64, heads=2, vocab_size=32, cvae=8, patch_nums=PATCH_NUMS,
                 prefix_side=4, cond_channels=(8, 16), refiner_width=16, refiner_depth=2)
@@ -29,12 +26,7 @@ N_LAST = PATCH_NUMS[-1] ** 2
 STEPS = 10  # the refiner's respaced chain
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturbed(module: torch.nn.Module, std: float) -> torch.nn.Module:
@@ -60,10 +52,8 @@ def _noise(b: int, seed: int = 2) -> torch.Tensor:
     return torch.randn(STEPS + 1, b * N_LAST, TINY_VAR["cvae"], generator=g)
 
 
-def test_full_size_state_dict_is_the_flat_var_wo_ddp_layout():
-    if not LAYOUT.is_file():
-        pytest.skip(f"{LAYOUT} is absent")
-    expected = json.loads(LAYOUT.read_text())["var_wo_ddp"]
+def test_full_size_state_dict_is_the_flat_var_wo_ddp_layout(varsr_layout):
+    expected = varsr_layout["var_wo_ddp"]
     with torch.device("meta"):
         model = VARSRModel()
     got = {k: list(v.shape) for k, v in model.state_dict().items()}

@@ -24,12 +24,7 @@ TINY = VarlideVarConfig(
 TILE = 16  # tokenizer: 4 tokens x 4 (two downsamplings)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_folder(tmp_path, seed: int = 0):
