@@ -214,14 +214,7 @@ class VarlideVar(Enhancer):
     def from_pretrained(cls, folder: str | Path, **inference: Any) -> VarlideVar:
         """Load a weights folder (see the module docstring); missing backbone files are a
         ``FileNotFoundError`` that names them and the commands that make them."""
-        folder = Path(str(folder).removeprefix("file://")).expanduser()
-        missing = [folder / f for f in BACKBONE_FILES.values() if not (folder / f).is_file()]
-        if missing:
-            raise FileNotFoundError(missing_backbone_message(missing))
-        meta = json.loads((folder / CONFIG_FILE).read_text()) if (
-            folder / CONFIG_FILE).is_file() else {"model": {}}
-        if meta.get("enhancer", NAME) != NAME:
-            raise ValueError(f"{folder} holds weights of {meta.get('enhancer')!r}, not {NAME}")
+        folder, meta = read_folder(folder)
         model = cls(VarlideVarConfig(**meta.get("model", {})), **inference)
         for part, fname in BACKBONE_FILES.items():
             data = (folder / fname).read_bytes()
@@ -252,18 +245,28 @@ class VarlideVar(Enhancer):
         self.hashes["front"] = weights_sha256(data)
 
 
-def check_weights(folder: str | Path, **inference: Any) -> None:
-    """What ``from_pretrained`` would refuse, from the files' headers alone (no tensor is
-    read: the backbone files are gigabytes): missing files, and names or shapes that differ
-    from the model the folder's config builds (on the meta device)."""
-    from safetensors import safe_open
-
+def read_folder(folder: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A weights folder's path and its config.json (``{"model": {}}`` when absent): missing
+    backbone files are a ``FileNotFoundError`` that names them and the commands that make
+    them; another enhancer's folder is a ``ValueError``."""
     folder = Path(str(folder).removeprefix("file://")).expanduser()
     missing = [folder / f for f in BACKBONE_FILES.values() if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(missing_backbone_message(missing))
     meta = json.loads((folder / CONFIG_FILE).read_text()) if (
         folder / CONFIG_FILE).is_file() else {"model": {}}
+    if meta.get("enhancer", NAME) != NAME:
+        raise ValueError(f"{folder} holds weights of {meta.get('enhancer')!r}, not {NAME}")
+    return folder, meta
+
+
+def check_weights(folder: str | Path, **inference: Any) -> None:
+    """What ``from_pretrained`` would refuse, from the files' headers alone (no tensor is
+    read: the backbone files are gigabytes): missing files, and names or shapes that differ
+    from the model the folder's config builds (on the meta device)."""
+    from safetensors import safe_open
+
+    folder, meta = read_folder(folder)
     with torch.device("meta"):
         model = VarlideVar(VarlideVarConfig(**meta.get("model", {})), **inference)
     for part, fname in BACKBONE_FILES.items():

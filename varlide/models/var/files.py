@@ -19,7 +19,7 @@ class ReleasedFile:
     """One file of the authors' release."""
 
     name: str  # the file name on the hub
-    key: str  # the model's state dict: torch.load(file)['trainer'][key]
+    key: str  # the model's state dict inside the file: ['trainer'][key] (checkpoints.py)
     part: str  # "var" (the transformer + refiner) | "vae" (the tokenizer)
     approx_bytes: int  # published size (a training checkpoint: optimizer state included)
 
