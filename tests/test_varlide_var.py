@@ -34,7 +34,7 @@ def _tiny_folder(tmp_path, seed: int = 0):
         for p in [*model.var.parameters(), *model.vae.parameters()]:
             p.add_(torch.randn_like(p) * 0.1)
     folder = tmp_path / "w"
-    version = model.save_pretrained(folder)
+    version = model.save_pretrained(folder, backbone=True)
     return model, folder, version
 
 
@@ -107,10 +107,21 @@ def test_full_size_refuses_cpu_unless_forced():
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_varlide_enhance_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, mlflow_sqlite):
+def test_varlide_enhance_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, mlflow_sqlite,
+                                                              monkeypatch):
     from varlide.cli import main
+    from varlide.engine import clear_stage_cache
 
     _, folder, version = _tiny_folder(tmp_path)
+    loads = []
+    real = VarlideVar.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        loads.append(args[0])
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(VarlideVar, "from_pretrained", classmethod(counted))
+    clear_stage_cache()
     inp = tmp_path / "in"
     inp.mkdir()
     rng = np.random.default_rng(0)
@@ -119,8 +130,10 @@ def test_varlide_enhance_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, mlflow_s
         Image.fromarray(arr).save(inp / f"f{i}.png")
     out = tmp_path / "out"
     code = main(["enhance", str(inp), str(out), "--enhancer", "varlide-var", "--weights",
-                 str(folder), "--metrics", "brightness", "--no-progress", "--format", "png"])
+                 str(folder), "--metrics", "brightness", "--no-progress", "--format", "png",
+                 "--shard-size", "1"])
     assert code == 0
+    assert len(loads) == 1  # three shards, one model: loaded once per worker process
     files = sorted(out.glob("scores/**/*.parquet"))
     df = pd.concat([pd.read_parquet(f) for f in files])
     assert len(df) == 3 and set(df["status"]) == {"ok"}

@@ -604,11 +604,16 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML of TrainConfig fields (varlide/training.py)")
     p.add_argument("--enhancer", help="a trainable registered enhancer (default varlide-lite; "
                    "zero-dce trains with its own loss; restorer, the learned deblurring "
-                   "stage, on blurred / sharp pairs made from DATA)")
+                   "stage, on blurred / sharp pairs made from DATA; varlide-var, VICM, VGPM "
+                   "and SF-RoPE around a frozen VAR backbone, with --init-from)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--crop", type=int)
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--init-from", metavar="WEIGHTS",
+                   help="weights folder or models:/ URI to start from (fine-tuning); "
+                   "varlide-var: the folder of its frozen VAR backbone (varsr.safetensors, "
+                   "vqvae.safetensors)")
     p.add_argument("--experiment", default="varlide-train")
     p.set_defaults(func=cmd_train)
 
@@ -618,7 +623,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from varlide.training import TrainConfig
 
     doc = read_yaml(args.config) if args.config else {}
-    flags = {n: getattr(args, n) for n in ("enhancer", "steps", "batch_size", "crop", "device")}
+    flags = {n: getattr(args, n) for n in ("enhancer", "steps", "batch_size", "crop", "device",
+                                           "init_from")}
     enhancer = flags["enhancer"] or doc.get("enhancer")
     if enhancer:  # its own loss and schedule unless the file names them
         from varlide.models import ENHANCERS

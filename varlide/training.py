@@ -1,7 +1,10 @@
 """The unsupervised enhancer trainer (library side; the Prefect flow ``train`` wraps it).
 
 ``train(corpus_uri, out_dir, TrainConfig(...))`` trains ``varlide-lite`` (or ``zero-dce``,
-or an ablation variant) on any image corpus URI, with no reference images:
+an ablation variant, the ``restorer``, or ``varlide-var``'s front end around its frozen VAR
+backbone, ``init_from`` naming the backbone folder) on any image corpus URI, with no
+reference images. The registered model class builds the model of step 0
+(``for_training``); the optimiser holds only its trainable parameters.
 
 Data
     Every image under ``corpus_uri`` (``varlide.storage.listing`` rules) is read once into
@@ -443,11 +446,17 @@ def _validation_set(images: list[_Image], cfg: TrainConfig, prior) -> dict[str, 
 
 
 def build_model(cfg: TrainConfig):
-    """A fresh trainable enhancer: its registered ``model`` class and ``config_class``."""
+    """The trainable enhancer of step 0: its registered ``model`` class builds it from
+    ``cfg.model`` and, with ``init_from``, the weights there (``for_training``)."""
     from varlide.models import ENHANCERS
 
     cls = ENHANCERS.info(cfg.enhancer)["model"]
-    return cls(cls.config_class(**cfg.model))
+    init = None
+    if cfg.init_from:
+        from varlide.resolver import local_weights
+
+        init = local_weights(cfg.init_from)
+    return cls.for_training(cfg.model, init)
 
 
 def trainable_enhancers() -> list[str]:
@@ -735,7 +744,8 @@ def _build_training(cfg: TrainConfig, device: torch.device, prior: Any):
     model.trained_prior = prior.backend
     model.trained_prior_model = prior.model
     loss_fn = build_loss(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a frozen part has none
+    opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return model, loss_fn, opt
 
 
@@ -749,18 +759,13 @@ class _Progress:
 
 def _resume(out_dir: str, cfg: TrainConfig, model, opt, device: torch.device) -> _Progress:
     """Continue from the newest checkpoint in ``out_dir`` (same config but for
-    ``RESUMABLE_FIELDS``), else start from ``init_from`` weights (fine-tuning), else anew."""
+    ``RESUMABLE_FIELDS``); else the model stays as built (``init_from``'s weights or new)."""
     from safetensors.torch import load
 
     from varlide.storage.uri import filesystem, join
 
     found = _list_checkpoints(out_dir)
-    if cfg.init_from and not found:  # fine-tune: start from these weights (same architecture)
-        from varlide.resolver import local_weights
-
-        meta, weights, digest = type(model).read_pretrained(local_weights(cfg.init_from))
-        model._adopt(meta, {k: v.to(device) for k, v in weights.items()}, digest)
-    if not found:
+    if not found:  # init_from's weights, if any, came with build_model
         return _Progress()
     _, uri = found[-1]
     fs, p = filesystem(join(uri, "state.json"))

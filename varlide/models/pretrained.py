@@ -193,6 +193,16 @@ class Pretrained:
         model._adopt(meta, state, digest)
         return model
 
+    @classmethod
+    def for_training(cls, options: dict[str, Any], init_from: str | None = None):
+        """The trainer's fresh model: the config from ``options``; with ``init_from`` (a
+        local folder) its weights loaded before step 0 (fine-tuning, same architecture)."""
+        model = cls(cls.config_class(**options))
+        if init_from:
+            meta, state, digest = cls.read_pretrained(init_from)
+            model._adopt(meta, state, digest)
+        return model
+
     def _adopt(self, meta: dict, state: dict[str, torch.Tensor], digest: str) -> None:
         check_state_dict(self, state, f"{self.name} weights {digest[:12]}")
         self.load_state_dict(state, strict=True)

@@ -265,6 +265,60 @@ def restore(model: VARSRModel, vae: MultiScaleVQVAE, lr_image_01: Tensor, cfg: f
     return (image, tokens.indices) if return_indices else image
 
 
+def _guided_logits(logits: Tensor, patch_nums: tuple[int, ...], cfg: float) -> Tensor:
+    """(2B, L, V) teacher-forced [cond; uncond] logits -> (B, L, V) guided, scale si with
+    t = cfg * si / (SN - 1) as the cached scale loop."""
+    b, sn = logits.shape[0] // 2, len(patch_nums)
+    t = torch.cat([torch.full((pn * pn,), cfg * si / (sn - 1), device=logits.device)
+                   for si, pn in enumerate(patch_nums)]).view(1, -1, 1)
+    return (1 + t) * logits[:b] - t * logits[b:]
+
+
+def restore_straight_through(model: VARSRModel, vae: MultiScaleVQVAE, lr_image_01: Tensor,
+                             cfg: float = 6.0, temperature: float = 1.0,
+                             colour_fix: bool = True, label: int = 0) -> Tensor:
+    """A differentiable stand-in for greedy :func:`restore` without the refiner: what
+    fine-tuning the modules around a frozen backbone back-propagates through.
+
+    1. The greedy tokens of cached inference, without gradients: exactly what ``restore(...,
+       top_k=1, refine=False)`` decodes, so the forward value is the inference output.
+    2. One teacher-forced pass (block-causal mask, doubled CFG batch) on those tokens' own
+       next-scale inputs, with gradients; per-scale guided logits as the scale loop's.
+    3. Straight-through codes: forward the chosen code vectors, backward through
+       ``softmax(guided / temperature) @ codebook`` (token sampling has no gradient).
+    4. f_hat from the codes, decoded; the AdaIN colour fix against the LR image.
+
+    Gradients reach the LR image (the ControlNet prefix and the colour fix's statistics)
+    and every parameter on the transformer's path (SF-RoPE's included); the cut is between
+    scales (a scale's input is the chosen tokens', as in VAR's teacher forcing). Runs under
+    the caller's autocast.
+    """
+    _check_pair(model, vae, lr_image_01)
+    lr_pm1 = lr_image_01.float() * 2 - 1
+    b, dev = lr_pm1.shape[0], lr_pm1.device
+    try:
+        with torch.no_grad():
+            tokens = _generate_tokens(model, vae, lr_pm1.detach(), label, cfg, 1, 0.0, None)
+    finally:
+        model.reset_cache()
+    quant = vae.quantize
+    inputs = quant.teacher_forcing_inputs(tokens.indices).float()
+    labels = torch.cat((torch.full((b,), label, dtype=torch.long, device=dev),
+                        torch.full((b,), model.num_classes - 1, dtype=torch.long, device=dev)))
+    out = model.forward_teacher_forcing(lr_pm1, labels, torch.cat((inputs, inputs)))
+    guided = _guided_logits(out.logits.float(), model.patch_nums, cfg)
+    book = quant.embedding.weight.float()
+    soft = guided.div(temperature).softmax(dim=-1) @ book  # (B, L, Cvae)
+    codes = book[torch.cat(tokens.indices, dim=1)] + (soft - soft.detach())
+    f_hat, start = None, 0
+    for si, pn in enumerate(model.patch_nums):
+        part = quant.contribution_of_codes(codes[:, start:start + pn * pn], si)
+        f_hat = part if f_hat is None else f_hat + part
+        start += pn * pn
+    image = vae.fhat_to_img01(f_hat).float()
+    return adain_colour_fix(image, lr_image_01) if colour_fix else image
+
+
 class VARSRPipeline:
     """A transformer + VQ-VAE pair with default sampling settings; call it on LR batches."""
 
@@ -301,4 +355,5 @@ class VARSRPipeline:
 
 
 __all__ = ["CHECKPOINT_KEYS", "VARSRModel", "VARSRPipeline", "adain_colour_fix",
-           "load_authors_checkpoint", "restore", "sample_top_k_top_p"]
+           "load_authors_checkpoint", "restore", "restore_straight_through",
+           "sample_top_k_top_p"]

@@ -295,8 +295,13 @@ class ResidualQuantizer(nn.Module):
         Bicubic upsampling then phi for every scale but the last; the last adds the raw
         embedding (VARSR; VAR applies phi there too).
         """
+        return self.contribution_of_codes(self.embedding(idx), si)
+
+    def contribution_of_codes(self, codes: Tensor, si: int) -> Tensor:
+        """:meth:`scale_contribution` from code vectors (B, pn*pn, C) rather than indices:
+        soft (probability-weighted) codes make f_hat differentiable (fine-tuning)."""
         pn, side = self.patch_nums[si], self.patch_nums[-1]
-        h = self.embedding(idx).reshape(idx.shape[0], pn, pn, self.z_channels)
+        h = codes.reshape(codes.shape[0], pn, pn, self.z_channels)
         h = h.permute(0, 3, 1, 2).contiguous()
         if si == self.num_scales - 1:
             return h
