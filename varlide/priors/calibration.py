@@ -226,7 +226,10 @@ def resolve_auto_prior(cfg: Config, trained: Scale | None) -> Scale:
     model = trained[1]
     if backend == "clip" and model:  # 'ViT-B-32:openai+prompts-…' -> the model part
         model = model.split("+prompts-")[0]
-    return backend, (model if backend == "clip" else None)
+        return backend, model
+    if model and _files_of(backend) is not None and not model.startswith("folder:"):
+        return backend, model  # a hub repo id (a folder's label names no path: the default)
+    return backend, None
 
 
 def prior_kwargs(cfg: Config, backend: str, model: str | None) -> dict[str, Any]:
@@ -238,7 +241,17 @@ def prior_kwargs(cfg: Config, backend: str, model: str | None) -> dict[str, Any]
 
         if model != MODEL:
             raise ValueError(f"prior_model {model!r}: the analytic prior has one model, {MODEL}")
+    if _files_of(backend) is not None:  # a model-backed backend (qinstruct, qrealign ...)
+        return {"model": model}
     return {}
+
+
+def _files_of(backend: str):
+    """A backend's registry ``files`` function ((label, files) of a prior_model), or None."""
+    import varlide.priors  # noqa: F401  (registers the built-in backends)
+    from varlide.priors.base import PRIORS
+
+    return PRIORS.info(backend).get("files") if backend in PRIORS else None
 
 
 def run_scale(cfg: Config, trained: Scale | None) -> Scale:
@@ -253,6 +266,9 @@ def run_scale(cfg: Config, trained: Scale | None) -> Scale:
         from varlide.priors.analytic import MODEL
 
         return backend, MODEL
+    files_of = _files_of(backend)
+    if files_of is not None:  # the label its rows record, from the spec alone
+        return backend, files_of(model)[0]
     return backend, model
 
 

@@ -13,6 +13,7 @@ path>`` (a file the user named; never mirrored).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Iterable
@@ -161,6 +162,22 @@ class Requirement:
 def hf_file(repo: str, filename: str, kind: str = "hf") -> WeightFile:
     return WeightFile(f"hf:{repo}/{filename}", f"{HF_BASE}/{repo}/resolve/main/{filename}", kind)
 
+
+
+def folder_digest(paths: list[Path]) -> str:
+    """8 hex digits naming a folder's content cheaply: its small files whole, the weight
+    files by name, size and their first and last MiB (a fine-tune changes every byte)."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(path.name.encode())
+        size = path.stat().st_size
+        h.update(str(size).encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), 2)
+                h.update(f.read())
+    return h.hexdigest()[:8]
 
 
 def dedupe(reqs: Iterable[Requirement]) -> list[Requirement]:
