@@ -375,3 +375,62 @@ def test_prompt_ids_of_a_sentencepiece_tokenizer_as_llava(tmp_path):
         got = torch.where(batch.image[row], -1, batch.ids[row])[real].tolist()
         assert got == expect
         assert sp.id_to_piece(expect[len(sp.encode(before)) + 5]) == "▁"  # then <0x0A>
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_main_job_with_local_maps_then_calibrated(tiny, tmp_path, mlflow_sqlite, monkeypatch):
+    """``varlide enhance --prior qinstruct --prior-local``: rows carry v, b and the 3x4x4
+    map; then ``varlide calibrate --prior qinstruct --to analytic`` and the calibrated
+    re-run maps v and b (monotone) and keeps the maps."""
+    import numpy as np
+    import pandas as pd
+    from conftest import make_rgb
+    from PIL import Image
+
+    from varlide.cli import main
+    from varlide.priors.calibration import UNCALIBRATED, Calibration
+
+    monkeypatch.setenv("VARLIDE_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    inp = tmp_path / "night"
+    inp.mkdir()
+    for i in range(4):
+        Image.fromarray(make_rgb(36, 44, seed=i, scale=0.12 + 0.2 * i)).save(inp / f"f{i}.png")
+    out = tmp_path / "out"
+    common = ["--prior", "qinstruct", "--prior-model", str(tiny["folder"])]
+    run = ["enhance", str(inp), str(out), *common, "--metrics", "brightness", "--no-progress",
+           "--shard-size", "2", "--prior-local"]
+    assert main([*run, "--run-id", "raw"]) == 0
+    raw = pd.read_parquet(out / "scores" / "night" / "raw").set_index("rel_path").sort_index()
+    assert len(raw) == 4 and set(raw["status"]) == {"ok"}
+    prior = create_prior("qinstruct", model=str(tiny["folder"]))
+    assert set(raw["prior_backend"]) == {"qinstruct"} and set(raw["prior_model"]) == {
+        prior.model}
+    assert set(raw["prior_calibration"]) == {UNCALIBRATED + "analytic/analytic-v1"}
+    maps = np.stack(raw["prior_local"].to_numpy())
+    assert maps.shape == (4, 3 * qi.GRID * qi.GRID) and ((maps >= 0) & (maps <= 1)).all()
+    frame = np.asarray(Image.open(inp / "f1.png").convert("RGB"), np.float32) / 255
+    want = prior.score_local(torch.from_numpy(frame).permute(2, 0, 1)[None])
+    np.testing.assert_allclose(maps[1], want.flatten().numpy(), atol=1e-5)
+
+    assert main(["calibrate", str(inp), *common, "--to", "analytic"]) == 0
+    cal = Calibration.load(next((tmp_path / "cache" / "calibrations").glob("*.json")))
+    assert main([*run, "--run-id", "calibrated"]) == 0
+    mapped = pd.read_parquet(out / "scores" / "night" / "calibrated").set_index(
+        "rel_path").sort_index()
+    assert set(mapped["prior_calibration"]) == {cal.id}
+    assert not (raw["visibility"] == mapped["visibility"]).all()
+    assert list(raw["visibility"].rank()) == list(mapped["visibility"].rank())
+    np.testing.assert_allclose(np.stack(mapped["prior_local"].to_numpy()), maps, atol=1e-6)
+
+
+def test_prior_local_needs_a_backend_with_maps(tmp_path, capsys):
+    from PIL import Image
+
+    from varlide.cli import main
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.new("RGB", (16, 16)).save(inp / "a.png")
+    code = main(["enhance", str(inp), str(tmp_path / "out"), "--dry-run", "--prior-local",
+                 "--no-progress"])
+    assert code == 2 and "the analytic prior has no local maps" in capsys.readouterr().err

@@ -142,3 +142,22 @@ def test_main_job_then_calibrated_with_the_qrealign_prior(tiny, tmp_path, mlflow
     assert set(mapped["prior_calibration"]) == {cal.id}
     assert not (raw["visibility"] == mapped["visibility"]).all()  # the scores were mapped
     assert list(raw["visibility"].rank()) == list(mapped["visibility"].rank())  # monotone
+
+
+@pytest.mark.parametrize("backend, repo", [("qrealign", "Q-ReAlign-Mini-0.8B"),
+                                           ("qinstruct", "llava_v1.5_7b_qinstruct")])
+def test_dry_run_names_the_missing_hub_files_and_the_command(backend, repo, tmp_path,
+                                                             monkeypatch, capsys):
+    from PIL import Image
+
+    from varlide.cli import main
+
+    monkeypatch.setenv("VARLIDE_WEIGHTS_CACHE", str(tmp_path / "empty"))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.new("RGB", (16, 16)).save(inp / "a.png")
+    code = main(["enhance", str(inp), str(tmp_path / "out"), "--dry-run", "--prior", backend,
+                 "--metrics", "brightness", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"prior {backend}" in err and repo in err
+    assert "config.json" in err and "varlide weights pull" in err

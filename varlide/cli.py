@@ -53,11 +53,17 @@ def _enhance_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enhancer", help="registered enhancer (default varlide-lite, shipped weights; "
                    "classic-curve needs no weights)")
     p.add_argument("--weights", dest="enhancer_weights", help="enhancer weights path or URI")
-    p.add_argument("--prior", help="prior backend: analytic (default), clip, auto (the enhancer's)")
+    p.add_argument("--prior", help="prior backend: analytic (default), clip, qinstruct "
+                   "(Q-Instruct LLaVA-1.5 7B, GPU), qrealign (Q-ReAlign 0.8B), auto (the "
+                   "enhancer's)")
     p.add_argument("--prior-model", help="clip model: ARCH:TAG (default ViT-B-32:openai), "
-                   "ARCH:/path/ckpt, local-dir:/folder")
+                   "ARCH:/path/ckpt, local-dir:/folder; qinstruct / qrealign: a hub repo id "
+                   "or a local model folder")
     p.add_argument("--prior-calibration", help="calibration file onto the enhancer's prior "
                    "scale (default: the one `varlide calibrate` stored, if any)")
+    p.add_argument("--prior-local", action="store_const", const=True,
+                   help="also store the prior's local maps (qinstruct: 3 x 4 x 4 per image) "
+                   "in the prior_local column")
     p.add_argument("--metrics", help="comma-separated quality measures")
     p.add_argument("--no-enhance", dest="enhance", action="store_const", const=False,
                    help="scores only, no enhanced images")
@@ -90,7 +96,8 @@ def _enhance_parser(sub: argparse._SubParsersAction) -> None:
 
 
 CONFIG_FLAGS = ("dataset", "shard_size", "run_id", "workers", "dask", "device", "enhancer",
-                "enhancer_weights", "prior", "prior_model", "prior_calibration", "metrics",
+                "enhancer_weights", "prior", "prior_model", "prior_calibration", "prior_local",
+                "metrics",
                 "enhance", "include", "exclude", "limit",
                 "format", "quality", "apply_exif", "reference", "batch_size", "memory_budget",
                 "iqa_max_side", "retries", "image_timeout_s", "batch_timeout_s", "experiment",
@@ -328,7 +335,10 @@ def _weights_needed(cfg) -> str:
 def _preflight(cfg) -> None:
     from varlide import resolver
 
-    resolver.preflight(cfg)
+    try:
+        resolver.preflight(cfg)
+    except ValueError as exc:  # a stage the config cannot have (e.g. prior_local): exit 2
+        raise ConfigError(str(exc)) from None
 
 
 def _check_enhancer_weights(cfg) -> None:

@@ -469,7 +469,8 @@ def _compute(batch: list[Loaded], images: torch.Tensor, stages: Stages, cfg: Con
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
-            scores = stages.prior.score(images)
+            scores = (stages.prior.score_with_maps(images) if cfg.prior_local
+                      else stages.prior.score(images))
             _sync(device)
             t1 = time.perf_counter()
             result = None
@@ -485,9 +486,12 @@ def _compute(batch: list[Loaded], images: torch.Tensor, stages: Stages, cfg: Con
                          f"{type(exc).__name__}: {exc}") from exc
     visibility = scores.visibility.float().cpu().tolist()
     blur = scores.blur.float().cpu().tolist()
+    local = (None if scores.local is None
+             else scores.local.float().flatten(1).cpu().tolist())  # K x G x G, row-major
     for i, item in enumerate(batch):
         item.row.update(prior_backend=stages.prior.backend, prior_model=stages.prior.model,
                         prior_calibration=getattr(stages.prior, "calibration", None),
+                        prior_local=None if local is None else local[i],
                         visibility=visibility[i], blur=blur[i],
                         prior_ms=(t1 - t0) * 1000 / n, enhance_ms=(t2 - t1) * 1000 / n,
                         quality_ms=(t3 - t2) * 1000 / n, iqa_max_side=cfg.iqa_max_side)

@@ -102,13 +102,7 @@ def requirements(cfg: Config, *, include_reference: bool = False,
     the prior differs from the enhancer's trained one) the calibration's (optional unless
     ``prior_calibration`` names one)."""
     reqs: list[Requirement] = []
-    backend = cfg.prior
-    model = cfg.prior_model
-    if backend == "auto":
-        from varlide.priors.calibration import resolve_auto_prior
-
-        backend, model = resolve_auto_prior(cfg, trained_prior_of(cfg) if trained is None
-                                            else trained)
+    backend, model = _prior_of(cfg, trained)
     files_of = PRIORS.info(backend).get("files")  # a prior's files: its registry metadata
     if files_of is not None:
         label, files = files_of(model)
@@ -180,10 +174,26 @@ def prepare_worker(cfg: Config, reqs: list[Requirement] | None = None) -> None:
 
 
 
+def _prior_of(cfg: Config, trained: Scale | None = None) -> tuple[str, str | None]:
+    """(backend, prior_model) the config runs (``prior: auto`` resolved)."""
+    if cfg.prior != "auto":
+        return cfg.prior, cfg.prior_model
+    from varlide.priors.calibration import resolve_auto_prior
+
+    return resolve_auto_prior(cfg, trained_prior_of(cfg) if trained is None else trained)
+
+
 def preflight(cfg: Config) -> list[Requirement]:
-    """Before a run starts (CLI, dry run): every required file present here, or listed in
-    ``weights_mirror``'s lock file for workers to sync; else ``WeightsMissingError``."""
+    """Before a run starts (CLI, dry run): a prior that can give what the config asks
+    (``prior_local``: a backend with local maps, else ``ValueError``), and every required
+    file present here, or listed in ``weights_mirror``'s lock file for workers to sync;
+    else ``WeightsMissingError``."""
     use_cache(cfg)
+    if cfg.prior_local:
+        backend, _ = _prior_of(cfg)
+        if not PRIORS.info(backend).get("local"):
+            raise ValueError(f"prior_local: the {backend} prior has no local maps (priors "
+                             f"with them: {', '.join(PRIORS.names_where('local'))})")
     reqs = requirements(cfg)
     gone = missing(reqs)
     if gone and cfg.weights_mirror:

@@ -18,6 +18,7 @@ from varlide.registry import Registry
 class PriorScores:
     visibility: torch.Tensor  # (B,) float32 in [0, 1]
     blur: torch.Tensor  # (B,) float32 in [0, 1]
+    local: torch.Tensor | None = None  # (B, K, G, G) in [0, 1]: local maps, when asked for
 
 
 class Prior:
@@ -29,6 +30,17 @@ class Prior:
     def score(self, images: torch.Tensor) -> PriorScores:
         """Score a batch ``(B, 3, H, W)`` float in [0, 1] on the prior's device."""
         raise NotImplementedError
+
+    def score_with_maps(self, images: torch.Tensor) -> PriorScores:
+        """``score`` plus ``local`` maps: backends registered ``local=True`` implement
+        ``score_local``; asking another one is an error (``prior_local`` is refused before
+        a run starts for them)."""
+        local = getattr(self, "score_local", None)
+        if local is None:
+            raise ValueError(f"prior {self.backend} has no local maps (prior_local)")
+        scores = self.score(images)
+        scores.local = local(images)
+        return scores
 
 
 PRIORS: Registry[Prior] = Registry("prior")

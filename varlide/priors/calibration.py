@@ -207,6 +207,16 @@ class CalibratedPrior(Prior):
         scores = self.inner.score(images)
         return self.map.apply(scores) if self.map is not None else scores
 
+    def score_with_maps(self, images: torch.Tensor) -> PriorScores:
+        """v and b mapped as ``score``; the local maps stay the backend's own attribute
+        scores (a calibration maps v and b only)."""
+        scores = self.inner.score_with_maps(images)
+        if self.map is None:
+            return scores
+        mapped = self.map.apply(scores)
+        mapped.local = scores.local
+        return mapped
+
 
 def same_scale(backend: str, model: str | None, trained: Scale | None) -> bool:
     if trained is None or trained[0] is None:

@@ -355,7 +355,7 @@ class QInstructPrior(Prior):
         return scores.view(b, grid, grid, -1).permute(0, 3, 1, 2).float()
 
 
-@PRIORS.register("qinstruct", files=prior_files)
+@PRIORS.register("qinstruct", files=prior_files, local=True)
 def _make_qinstruct(device: str | torch.device = "cpu", model: str | None = None,
                     precision: str = "auto", max_batch: int = 8) -> QInstructPrior:
     """``model``: a ``prior_model`` (default the Q-Instruct LLaVA-1.5 7B; or a folder)."""

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from varlide.storage.uri import filesystem, write_bytes
 
-SCHEMA_VERSION = 2  # 2: the deblur, deblur_kernel_px columns
+SCHEMA_VERSION = 3  # 2: the deblur, deblur_kernel_px columns; 3: prior_local
 
 FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("schema_version", pa.int16()),
@@ -37,6 +37,7 @@ FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("visibility", pa.float32()),
     ("blur", pa.float32()),
     ("prior_calibration", pa.string()),
+    ("prior_local", pa.list_(pa.float32())),  # prior_local: K x G x G maps, row-major
     ("enhancer", pa.string()),
     ("enhancer_version", pa.string()),
     ("route", pa.string()),
