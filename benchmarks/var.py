@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/var.py                          # CUDA: full size, b 1,4,8
     PYTHONPATH=. python benchmarks/var.py --batches 8 --dtypes bf16 --no-uncached
     PYTHONPATH=. python benchmarks/var.py --batches 1,2 --repeats 1   # CPU: tiny config
+    PYTHONPATH=. python benchmarks/var.py --train --batches 2 --dtypes bf16  # fine-tuning step
 
 What runs: ``varlide.models.var.varsr.restore`` (the authors' test settings: CFG 6 on a
 doubled batch, greedy top-k 1 / top-p 0.75, the diffusion refiner with ``--steps`` steps,
@@ -242,6 +243,45 @@ def _measure(model, vae, batch: int, dtype_name: str, args, probe: _Probe) -> di
     return row
 
 
+def _train_cost(model, vae, batch: int, dtype_name: str, args, probe: _Probe) -> dict:
+    """Seconds per image of one fine-tuning step through the frozen backbone
+    (``restore_straight_through`` forward + backward to the LR image, as VICM receives it)
+    against greedy inference without the refiner, the same forward value."""
+    from varlide.models.var.varsr import _amp, restore, restore_straight_through
+
+    device, side = args.device, vae.image_size
+    lr = torch.rand(batch, 3, side, side, device=device,
+                    generator=torch.Generator(device=device).manual_seed(batch))
+    amp = DTYPES[dtype_name]
+    for p in [*model.parameters(), *vae.parameters()]:
+        p.requires_grad_(False)  # frozen, as in varlide-var: gradients only reach the input
+
+    def step():
+        x = lr.clone().requires_grad_(True)
+        with _amp(device, amp):
+            y = restore_straight_through(model, vae, x)
+        y.float().mean().backward()
+
+    with torch.inference_mode():
+        t_inf, _, _, _ = _time_config(
+            lambda: restore(model, vae, lr, top_k=1, refine=False, amp_dtype=amp), device,
+            args.repeats, probe)
+    t_step, _, _, peak = _time_config(step, device, args.repeats, probe)
+    return {"infer": t_inf / batch, "step": t_step / batch, "peak": peak}
+
+
+def _report_train(rows: list, label: str) -> None:
+    print("\n| config | batch | dtype | greedy inference s/img | fine-tuning step s/img | "
+          "peak GPU MiB (step) |")
+    print("|---|---|---|---|---|---|")
+    for b, d, r in rows:
+        print(f"| {label} | {b} | {d} | {r['infer']:.4f} | {r['step']:.4f} | "
+              f"{_fmt(r['peak'], '.0f')} |")
+    b, d, r = rows[-1]
+    print(f"\nratio (fine-tuning step / greedy inference s per image): {r['step'] / r['infer']:.2f}"
+          f" (batch {b}, {d})")
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -259,6 +299,8 @@ def _args(argv):
     p.add_argument("--steps", type=int, default=10, help="refiner sampling steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--train", action="store_true", help="instead: the cost of a fine-tuning "
+                   "step through the frozen backbone (varlide train --enhancer varlide-var)")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -317,6 +359,11 @@ def main(argv=None) -> None:
     probe = _Probe(args.device)
     probe.wrap(model.diffloss, "sample", "refiner")
     probe.wrap(vae, "fhat_to_img01", "decode")
+    if args.train:
+        rows = [(b, d, _train_cost(model, vae, b, d, args, probe)) for d in args.dtypes
+                for b in args.batches]
+        _report_train(rows, label)
+        return
     rows = []
     for d in args.dtypes:
         for b in args.batches:
