@@ -161,3 +161,34 @@ def test_dry_run_names_the_missing_hub_files_and_the_command(backend, repo, tmp_
     err = capsys.readouterr().err
     assert code == 2 and f"prior {backend}" in err and repo in err
     assert "config.json" in err and "varlide weights pull" in err
+
+
+def test_loads_from_the_hub_cache_under_the_tabled_names(tiny, tmp_path, monkeypatch):
+    """The default model's files, as ``varlide weights pull`` leaves them in the hub cache
+    (the tiny model under Q-ReAlign-Mini's names; its image processor in the older
+    preprocessor_config.json form the table lists), load and score as the folder does."""
+    import json
+    import shutil
+
+    from varlide.priors import qrealign as qr
+    from varlide.priors.qrealign_files import DEFAULT_MODEL, prior_files
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    label, files = prior_files(None)
+    assert label == DEFAULT_MODEL and all(f.url.startswith("https://huggingface.co/")
+                                          for f in files)
+    combined = json.loads((tiny / "processor_config.json").read_text())
+    for f in files:
+        name = f.location.rsplit("/", 1)[1]
+        f.path().parent.mkdir(parents=True, exist_ok=True)
+        if name == "preprocessor_config.json":
+            f.path().write_text(json.dumps(combined["image_processor"]))
+        else:
+            shutil.copy(tiny / name, f.path())
+    monkeypatch.setattr(qr, "_MODELS", {})
+    hub = create_prior("qrealign")
+    assert hub.model == DEFAULT_MODEL
+    x = _frames(n=2, seed=3)
+    ref = create_prior("qrealign", model=str(tiny))
+    torch.testing.assert_close(hub.attribute_scores(x), ref.attribute_scores(x), atol=1e-6,
+                               rtol=0)
