@@ -179,3 +179,28 @@ def test_header_check_refuses_files_that_do_not_fit_without_loading_them(tmp_pat
     (folder / BACKBONE_FILES["vae"]).unlink()
     with pytest.raises(FileNotFoundError, match="vqvae.safetensors"):
         check_weights(folder)
+
+
+def test_an_fp16_converted_backbone_loads_and_restores_alike(tmp_path):
+    """`varlide weights convert VARSR.pth DIR/varsr.safetensors --dtype fp16` (what the README
+    suggests) gives half-precision tensors; they load into the fp32 model, cast."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _, folder, _ = _tiny_folder(tmp_path)
+    meta = json.loads((folder / "config.json").read_text())
+    meta.pop("backbone")  # a front end that names no backbone hash (one made by hand)
+    (folder / "config.json").write_text(json.dumps(meta))
+    full = create_enhancer("varlide-var", weights=str(folder), highlights=False)
+    for fname in BACKBONE_FILES.values():
+        state = load_file(folder / fname)
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+                  folder / fname)
+    half = create_enhancer("varlide-var", weights=str(folder), highlights=False)
+    assert next(half.var.parameters()).dtype == torch.float32
+    assert half.version != full.version  # other files, another version
+    x = torch.rand(1, 3, TILE, TILE) * 0.2
+    a = full.enhance(x, torch.tensor([0.1]), torch.tensor([0.2])).images
+    b = half.enhance(x, torch.tensor([0.1]), torch.tensor([0.2])).images
+    assert float((a - b).abs().mean()) < 0.02

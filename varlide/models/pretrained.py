@@ -62,9 +62,11 @@ def _load_safetensors(data: bytes, uri: str) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor],
-                     what: str) -> None:
+                     what: str, cast_floats: bool = False) -> None:
     """Refuse weights whose names, shapes or dtypes differ from the module's (ValueError
-    naming the first differences): ``load_state_dict`` would cast dtypes silently."""
+    naming the first differences): ``load_state_dict`` would cast dtypes silently.
+    ``cast_floats``: a floating tensor stored at another float precision (a file converted
+    to fp16) is accepted, ``load_state_dict`` casting it into the module's."""
     expected = module.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
@@ -74,7 +76,8 @@ def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor],
             continue
         if tuple(got.shape) != tuple(want.shape):
             problems.append(f"{k}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-        elif got.dtype != want.dtype:
+        elif got.dtype != want.dtype and not (
+                cast_floats and got.is_floating_point() and want.is_floating_point()):
             problems.append(f"{k}: dtype {got.dtype}, expected {want.dtype}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""

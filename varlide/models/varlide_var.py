@@ -329,7 +329,8 @@ class VarlideVar(Pretrained, Enhancer):
         for part, fname in BACKBONE_FILES.items():
             data = (where / fname).read_bytes()
             state = _load_safetensors(data, str(where / fname))
-            check_state_dict(_Front(self.backbone_state(part)), state, f"{NAME} {fname}")
+            check_state_dict(_Front(self.backbone_state(part)), state, f"{NAME} {fname}",
+                             cast_floats=True)  # `weights convert --dtype fp16` files
             (self.var if part == "var" else self.vae).load_state_dict(state, strict=False)
             digest = weights_sha256(data)
             want = meta.get("backbone", {}).get(fname)
