@@ -204,3 +204,33 @@ def test_an_fp16_converted_backbone_loads_and_restores_alike(tmp_path):
     a = full.enhance(x, torch.tensor([0.1]), torch.tensor([0.2])).images
     b = half.enhance(x, torch.tensor([0.1]), torch.tensor([0.2])).images
     assert float((a - b).abs().mean()) < 0.02
+
+
+def test_the_readme_path_from_the_authors_files_to_a_run(tmp_path):
+    """VARSR.pth / VQVAE.pth in the authors' nesting -> `varlide weights convert` (fp16 for
+    the transformer, as the README says) -> DIR (+ a config.json for the tiny sizes) ->
+    `create_enhancer("varlide-var", weights=DIR)` restores as the original modules do."""
+    import json
+
+    from varlide.cli import main
+
+    model, folder, _ = _tiny_folder(tmp_path)
+    src = tmp_path / "release"
+    src.mkdir()
+    torch.save({"trainer": {"var_wo_ddp": model.backbone_state("var"),
+                            "var_opt": {"state": {}}}, "epoch": 3}, src / "VARSR.pth")
+    torch.save({"trainer": {"vae_local": model.backbone_state("vae")}}, src / "VQVAE.pth")
+    run = tmp_path / "DIR"
+    assert main(["weights", "convert", str(src / "VARSR.pth"), str(run / "varsr.safetensors"),
+                 "--dtype", "fp16"]) == 0
+    assert main(["weights", "convert", str(src / "VQVAE.pth"),
+                 str(run / "vqvae.safetensors")]) == 0
+    sizes = json.loads((folder / "config.json").read_text())["model"]
+    (run / "config.json").write_text(json.dumps({"enhancer": "varlide-var", "model": sizes}))
+    enh = create_enhancer("varlide-var", weights=str(run), highlights=False)
+    x = torch.rand(1, 3, TILE, TILE) * 0.2
+    got = enh.enhance(x, torch.tensor([0.1]), torch.tensor([0.2])).images
+    with torch.no_grad():
+        curve = enh.vicm(x, torch.tensor([0.1]), mask="hard")["image"].clamp(0, 1)
+        want = restore(model.var, model.vae, curve, seed=0)
+    assert float((got - want).abs().mean()) < 0.02  # fp16 storage of the transformer only
