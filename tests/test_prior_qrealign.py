@@ -192,3 +192,32 @@ def test_loads_from_the_hub_cache_under_the_tabled_names(tiny, tmp_path, monkeyp
     ref = create_prior("qrealign", model=str(tiny))
     torch.testing.assert_close(hub.attribute_scores(x), ref.attribute_scores(x), atol=1e-6,
                                rtol=0)
+
+
+def test_prior_options_reach_the_backend_and_unknown_ones_stop_the_run(tiny, tmp_path,
+                                                                        capsys):
+    import yaml
+    from PIL import Image
+
+    from varlide.cli import main
+    from varlide.config import Config
+    from varlide.priors.calibration import prior_for_run
+
+    cfg = Config(prior="qrealign", prior_model=str(tiny), enhance=False,
+                 prior_options={"max_batch": 1, "precision": "fp32"})
+    prior = prior_for_run(cfg, None, "cpu")
+    assert prior.inner.max_batch == 1 and prior.inner.loaded.dtype == torch.float32
+    assert cfg.run_id_for("x") != cfg.model_copy(update={"prior_options": {}}).run_id_for("x")
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.new("RGB", (16, 16)).save(inp / "a.png")
+    for prior_name, options, says in (
+            ("analytic", {"precision": "bf16"}, "the analytic prior takes none"),
+            ("qrealign", {"precison": "bf16"}, "takes ['max_batch', 'precision']")):
+        doc = tmp_path / f"{prior_name}.yaml"
+        doc.write_text(yaml.safe_dump({"prior": prior_name, "prior_model": None if
+                                       prior_name == "analytic" else str(tiny),
+                                       "prior_options": options}))
+        code = main(["enhance", str(inp), str(tmp_path / "out"), "--dry-run", "--config",
+                     str(doc), "--metrics", "brightness", "--no-progress"])
+        assert code == 2 and says in capsys.readouterr().err

@@ -63,6 +63,9 @@ class Config(BaseModel):
     prior_model: str | None = Field(None, description="backend model, e.g. 'ViT-B-32:openai'")
     prior_calibration: str | None = Field(None, description="calibration file onto the "
                                           "enhancer's trained prior scale")
+    prior_options: dict[str, Any] = Field(
+        default_factory=dict, description="the prior backend's own settings, e.g. "
+        "qinstruct / qrealign {precision: bf16, max_batch: 4}")
     prior_local: bool = Field(False, description="also store the prior's local maps "
                               "(qinstruct: visibility, contrast, sharpness on a 4x4 grid) "
                               "in the prior_local column")
@@ -180,8 +183,8 @@ class Config(BaseModel):
     # Fields whose value changes what a run writes; everything else is execution detail.
     output_fields: ClassVar[tuple[str, ...]] = (
         "dataset", "shard_size", "include", "exclude", "limit", "prior", "prior_model",
-        "prior_calibration", "prior_local", "clip_visibility_prompts", "clip_blur_prompts",
-        "enhancer",
+        "prior_calibration", "prior_options", "prior_local", "clip_visibility_prompts",
+        "clip_blur_prompts", "enhancer",
         "enhancer_weights", "enhancer_options", "enhance", "metrics", "reference_metrics",
         "reference",
         "iqa_max_side", "format", "quality", "apply_exif", "max_pixels",
@@ -189,9 +192,9 @@ class Config(BaseModel):
 
     # Fields that decide which stages (prior, enhancer, measures) a worker builds.
     stage_fields: ClassVar[tuple[str, ...]] = (
-        "prior", "prior_model", "prior_calibration", "prior_local", "clip_visibility_prompts",
-        "clip_blur_prompts", "enhance", "enhancer", "enhancer_weights", "enhancer_options",
-        "metrics", "reference_metrics",
+        "prior", "prior_model", "prior_calibration", "prior_options", "prior_local",
+        "clip_visibility_prompts", "clip_blur_prompts", "enhance", "enhancer",
+        "enhancer_weights", "enhancer_options", "metrics", "reference_metrics",
     )
 
     def stage_config(self) -> str:

@@ -189,8 +189,11 @@ def preflight(cfg: Config) -> list[Requirement]:
     file present here, or listed in ``weights_mirror``'s lock file for workers to sync;
     else ``WeightsMissingError``."""
     use_cache(cfg)
+    backend, _ = _prior_of(cfg)
+    from varlide.priors.calibration import check_prior_options
+
+    check_prior_options(cfg, backend)
     if cfg.prior_local:
-        backend, _ = _prior_of(cfg)
         if not PRIORS.info(backend).get("local"):
             raise ValueError(f"prior_local: the {backend} prior has no local maps (priors "
                              f"with them: {', '.join(PRIORS.names_where('local'))})")

@@ -242,18 +242,39 @@ def resolve_auto_prior(cfg: Config, trained: Scale | None) -> Scale:
     return backend, None
 
 
-def prior_kwargs(cfg: Config, backend: str, model: str | None) -> dict[str, Any]:
+def prior_kwargs(cfg: Config, backend: str, model: str | None,
+                 options: bool = True) -> dict[str, Any]:
+    """The factory keywords of a prior: its model, the clip prompts and, for the run's own
+    prior (``options``; not a calibration's target), the config's ``prior_options``."""
+    extra = dict(cfg.prior_options) if options else {}
     if backend == "clip":
         return {"model": model, "visibility_prompts": cfg.clip_visibility_prompts,
-                "blur_prompts": cfg.clip_blur_prompts}
+                "blur_prompts": cfg.clip_blur_prompts, **extra}
     if model is not None and backend == "analytic":
         from varlide.priors.analytic import MODEL
 
         if model != MODEL:
             raise ValueError(f"prior_model {model!r}: the analytic prior has one model, {MODEL}")
     if _files_of(backend) is not None:  # a model-backed backend (qinstruct, qrealign ...)
-        return {"model": model}
-    return {}
+        return {"model": model, **extra}
+    return extra
+
+
+def check_prior_options(cfg: Config, backend: str) -> None:
+    """Refuse ``prior_options`` the backend's factory does not take, before a run starts."""
+    import inspect
+
+    from varlide.priors.base import PRIORS
+
+    if not cfg.prior_options:
+        return
+    params = inspect.signature(PRIORS.get(backend)).parameters  # named keywords only
+    known = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD} - {
+        "device", "model", "visibility_prompts", "blur_prompts"}
+    unknown = sorted(set(cfg.prior_options) - known)
+    if unknown:
+        raise ValueError(f"prior_options {unknown}: the {backend} prior takes "
+                         f"{sorted(known) or 'none'}")
 
 
 def _files_of(backend: str):
@@ -448,7 +469,8 @@ def calibrate(reference_uri: str, cfg: Config, target: Scale | None,
     t_backend, t_model = target
     t_kwargs: dict[str, Any] = {}
     if t_backend == "clip":
-        t_kwargs = prior_kwargs(cfg, "clip", (t_model or "").split("+prompts-")[0] or None)
+        t_kwargs = prior_kwargs(cfg, "clip", (t_model or "").split("+prompts-")[0] or None,
+                                options=False)
     tgt = create_prior(t_backend, device=device, **t_kwargs)
     if not same_scale(tgt.backend, tgt.model, target):
         raise ValueError(f"the target prior built here records {prior_id(tgt.backend, tgt.model)}"

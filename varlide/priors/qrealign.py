@@ -180,7 +180,7 @@ class QReAlignPrior(Prior):
 
 @PRIORS.register("qrealign", files=prior_files)
 def _make_qrealign(device: str | torch.device = "cpu", model: str | None = None,
-                   precision: str = "auto", max_batch: int = 8, **_: Any) -> QReAlignPrior:
+                   precision: str = "auto", max_batch: int = 8) -> QReAlignPrior:
     """``model``: a ``prior_model`` string (default ``q-future/Q-ReAlign-Mini-0.8B``)."""
     return QReAlignPrior(load_qrealign(model, device, precision), device=device,
                          max_batch=max_batch)
