@@ -434,3 +434,56 @@ def test_prior_local_needs_a_backend_with_maps(tmp_path, capsys):
     code = main(["enhance", str(inp), str(tmp_path / "out"), "--dry-run", "--prior-local",
                  "--no-progress"])
     assert code == 2 and "the analytic prior has no local maps" in capsys.readouterr().err
+
+
+@pytest.fixture
+def local_probe():
+    """An enhancer registered ``local_prior`` that keeps the maps it is handed (and returns
+    its input): what an enhancer that wants GPP-LLIE's local prior receives."""
+    from varlide.models.base import ENHANCERS, Enhancer, EnhanceResult
+
+    seen: list[torch.Tensor] = []
+
+    class Probe(Enhancer):
+        name = "local-probe"
+
+        @torch.no_grad()
+        def enhance(self, images, visibility, blur, local=None):
+            seen.append(local.detach().cpu().clone())
+            return EnhanceResult(images=images.float().clone(), route=["probe"] * len(images))
+
+    ENHANCERS.register("local-probe", local_prior=True)(lambda weights=None, **kw: Probe())
+    yield seen
+    ENHANCERS._factories.pop("local-probe")
+    ENHANCERS._info.pop("local-probe")
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_an_enhancer_that_wants_local_maps_receives_them(tiny, local_probe, tmp_path,
+                                                         mlflow_sqlite, monkeypatch, capsys):
+    import numpy as np
+    import pandas as pd
+    from conftest import make_rgb
+    from PIL import Image
+
+    from varlide.cli import main
+    from varlide.engine import clear_stage_cache
+
+    monkeypatch.setenv("VARLIDE_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    clear_stage_cache()
+    inp = tmp_path / "night"
+    inp.mkdir()
+    for i in range(3):
+        Image.fromarray(make_rgb(32, 40, seed=i, scale=0.3)).save(inp / f"f{i}.png")
+    args = ["enhance", str(inp), str(tmp_path / "out"), "--prior", "qinstruct",
+            "--prior-model", str(tiny["folder"]), "--enhancer", "local-probe", "--metrics",
+            "brightness", "--no-progress", "--run-id", "probe"]
+    assert main([*args, "--dry-run"]) == 2  # without --prior-local: refused up front
+    assert "reads the prior's local maps" in capsys.readouterr().err
+    assert main([*args, "--prior-local"]) == 0
+    maps = torch.cat(local_probe)
+    assert maps.shape == (3, 3, qi.GRID, qi.GRID)
+    df = pd.read_parquet(tmp_path / "out" / "scores" / "night" / "probe")
+    rows, got = np.stack(df["prior_local"].to_numpy()), maps.flatten(1).numpy()
+    by_first = np.argsort(rows[:, 0]), np.argsort(got[:, 0])  # the same images, any order
+    np.testing.assert_allclose(got[by_first[1]], rows[by_first[0]], atol=1e-6)

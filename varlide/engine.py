@@ -460,6 +460,13 @@ def _take_decoded(item: Loaded, got: DeviceImage | str, share_ms: float) -> torc
     return got.pixels
 
 
+def _wants_local(cfg: Config) -> bool:
+    """An enhancer registered ``local_prior`` takes the prior's local maps (``local=``)."""
+    from varlide.models import ENHANCERS
+
+    return bool(ENHANCERS.info(cfg.enhancer).get("local_prior"))
+
+
 def _compute(batch: list[Loaded], images: torch.Tensor, stages: Stages, cfg: Config,
              workspace: int | None = None, encode_jpeg: bool = False) -> list[Output]:
     """Prior, enhancer and measures on ``images`` (the batch's pixels, float on the
@@ -475,7 +482,9 @@ def _compute(batch: list[Loaded], images: torch.Tensor, stages: Stages, cfg: Con
             t1 = time.perf_counter()
             result = None
             if stages.enhancer is not None:
-                result = stages.enhancer.enhance(images, scores.visibility, scores.blur)
+                local = {"local": scores.local} if _wants_local(cfg) else {}
+                result = stages.enhancer.enhance(images, scores.visibility, scores.blur,
+                                                 **local)
                 _sync(device)
             t2 = time.perf_counter()
             outputs = None if result is None else result.images.clamp_(0, 1)  # in place

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from varlide.iqa.files import PYIQA_FILES, metric_files
+from varlide.models import ENHANCERS
 from varlide.models.files import enhancer_files, enhancers_with_default_weights, published_files
 from varlide.priors import PRIORS
 from varlide.priors.clip_files import (
@@ -193,6 +194,9 @@ def preflight(cfg: Config) -> list[Requirement]:
     from varlide.priors.calibration import check_prior_options
 
     check_prior_options(cfg, backend)
+    if cfg.enhance and ENHANCERS.info(cfg.enhancer).get("local_prior") and not cfg.prior_local:
+        raise ValueError(f"enhancer {cfg.enhancer} reads the prior's local maps: set "
+                         "prior_local: true (--prior-local) with a prior that has them")
     if cfg.prior_local:
         if not PRIORS.info(backend).get("local"):
             raise ValueError(f"prior_local: the {backend} prior has no local maps (priors "

@@ -49,6 +49,8 @@ class Enhancer(nn.Module):
     def enhance(
         self, images: torch.Tensor, visibility: torch.Tensor, blur: torch.Tensor
     ) -> EnhanceResult:
+        """Enhance a batch. An enhancer registered ``local_prior=True`` also takes
+        ``local``: the prior's (B, K, G, G) maps (``prior_local``; qinstruct's 3x4x4)."""
         raise NotImplementedError
 
 
