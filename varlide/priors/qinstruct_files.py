@@ -20,10 +20,11 @@ these files on machines that never load the model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from varlide.weights.files import WeightFile, folder_digest, hf_file
+from varlide.priors.vlm_files import ModelSpec, parse_model_spec
+from varlide.priors.vlm_files import model_label as vlm_model_label
+from varlide.weights.files import WeightFile, hf_file
 
 DEFAULT_QINSTRUCT_MODEL = "teowu/llava_v1.5_7b_qinstruct_preview_v0.1"
 CLIP_L336 = "openai/clip-vit-large-patch14-336"  # the config's mm_vision_tower
@@ -54,34 +55,17 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin")
 
 
-@dataclass(frozen=True)
-class QinstructSpec:
-    """A parsed ``prior_model``: ``kind`` 'hub' (``path`` = repo id) or 'folder'."""
-
-    kind: str
-    path: str
-
-    @property
-    def label(self) -> str:
-        return self.path if self.kind == "hub" else f"folder:{Path(self.path).name}"
+QinstructSpec = ModelSpec  # the shared spec (varlide.priors.vlm_files)
 
 
 def parse_qinstruct_model(spec: str | None) -> QinstructSpec:
     """``prior_model`` -> spec; a path (absolute, ``./``, ``~``, an existing folder or
     ``local-dir:``) is a folder, else a repo id of ``KNOWN_REPOS``."""
-    spec = (spec or DEFAULT_QINSTRUCT_MODEL).strip()
-    if spec.startswith("local-dir:"):
-        return QinstructSpec("folder", str(Path(spec[len("local-dir:"):]).expanduser().resolve()))
-    if spec.startswith("hf-hub:"):
-        spec = spec[len("hf-hub:"):]
-    if spec.startswith(("/", ".", "~")) or Path(spec).expanduser().is_dir():
-        return QinstructSpec("folder", str(Path(spec).expanduser().resolve()))
-    if spec not in KNOWN_REPOS:
-        raise ValueError(
-            f"prior_model {spec!r}: the qinstruct prior knows the files of "
-            f"{', '.join(sorted(KNOWN_REPOS))}; any other LLaVA-1.5 model is named by a local "
-            "folder (original layout + vision_tower/, or a transformers Llava folder)")
-    return QinstructSpec("hub", spec)
+    return parse_model_spec(
+        spec, DEFAULT_QINSTRUCT_MODEL, KNOWN_REPOS,
+        f"the qinstruct prior knows the files of {', '.join(sorted(KNOWN_REPOS))}; any other "
+        "LLaVA-1.5 model is named by a local folder (original layout + vision_tower/, or a "
+        "transformers Llava folder)")
 
 
 # --------------------------------------------------------------------------- folders
@@ -172,14 +156,8 @@ def model_folders(spec: QinstructSpec) -> tuple[Path, Path | None]:
 
 
 def model_label(spec: QinstructSpec) -> str:
-    """The ``prior_model`` a row records: the repo id, or ``folder:<name>@<sha8>`` of the
-    folder's content (just ``folder:<name>`` while its files are not all there)."""
-    if spec.kind == "hub":
-        return spec.label
-    paths = folder_paths(Path(spec.path))
-    if not all(p.is_file() for p in paths):
-        return spec.label
-    return f"{spec.label}@{folder_digest(paths)}"
+    """The ``prior_model`` a row records (``varlide.priors.vlm_files.model_label``)."""
+    return vlm_model_label(spec, folder_paths)
 
 
 def prior_files(model: str | None) -> tuple[str, list[WeightFile]]:

@@ -14,10 +14,11 @@ never load the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from varlide.weights.files import WeightFile, folder_digest, hf_file
+from varlide.priors.vlm_files import ModelSpec, parse_model_spec
+from varlide.priors.vlm_files import model_label as vlm_model_label
+from varlide.weights.files import WeightFile, hf_file
 
 REPOS = {"mini": "q-future/Q-ReAlign-Mini-0.8B", "lite": "q-future/Q-ReAlign-Lite-4B",
          "pro": "q-future/Q-ReAlign-Pro-9B"}
@@ -39,32 +40,17 @@ REPO_WEIGHTS = {
 IMAGE_PROCESSOR_CONFIGS = ("preprocessor_config.json", "processor_config.json")
 
 
-@dataclass(frozen=True)
-class QReAlignSpec:
-    """A parsed ``prior_model``: ``kind`` 'hub' (``path`` = repo id) or 'folder'."""
-
-    kind: str
-    path: str
-
-    @property
-    def label(self) -> str:
-        return self.path if self.kind == "hub" else f"folder:{Path(self.path).name}"
+QReAlignSpec = ModelSpec  # the shared spec (varlide.priors.vlm_files)
 
 
 def parse_qrealign_model(spec: str | None) -> QReAlignSpec:
-    """``prior_model`` -> spec (see the module docstring); an unknown repo id is an error
-    naming the known ones (their files are listed here, so they can be mirrored)."""
-    spec = (spec or DEFAULT_MODEL).strip()
-    spec = REPOS.get(spec, spec)
-    if spec.startswith("local-dir:"):
-        return QReAlignSpec("folder", str(Path(spec[len("local-dir:"):]).expanduser().resolve()))
-    if spec.startswith(("/", ".", "~")) or Path(spec).expanduser().is_dir():
-        return QReAlignSpec("folder", str(Path(spec).expanduser().resolve()))
-    if spec not in REPO_WEIGHTS:
-        raise ValueError(f"prior_model {spec!r}: the qrealign prior knows the files of "
-                         f"{', '.join(sorted(REPO_WEIGHTS))} (or mini / lite / pro); any "
-                         "other Q-ReAlign checkpoint is named by a local folder")
-    return QReAlignSpec("hub", spec)
+    """``prior_model`` -> spec (see the module docstring; ``mini`` / ``lite`` / ``pro`` name
+    the three repos); an unknown repo id is an error naming the known ones."""
+    spec = REPOS.get(spec.strip(), spec) if spec else spec
+    return parse_model_spec(
+        spec, DEFAULT_MODEL, REPO_WEIGHTS,
+        f"the qrealign prior knows the files of {', '.join(sorted(REPO_WEIGHTS))} (or mini / "
+        "lite / pro); any other Q-ReAlign checkpoint is named by a local folder")
 
 
 def folder_paths(folder: Path) -> list[Path]:
@@ -105,14 +91,8 @@ def model_folder(spec: QReAlignSpec) -> Path:
 
 
 def model_label(spec: QReAlignSpec) -> str:
-    """The ``prior_model`` a row records: the repo id, or ``folder:<name>@<sha8>`` of the
-    folder's content (just ``folder:<name>`` while its files are not all there)."""
-    if spec.kind == "hub":
-        return spec.label
-    paths = folder_paths(Path(spec.path))
-    if not all(p.is_file() for p in paths):
-        return spec.label
-    return f"{spec.label}@{folder_digest(paths)}"
+    """The ``prior_model`` a row records (``varlide.priors.vlm_files.model_label``)."""
+    return vlm_model_label(spec, folder_paths)
 
 
 def prior_files(model: str | None) -> tuple[str, list[WeightFile]]:
