@@ -27,6 +27,7 @@ from varlide.priors import PRIORS, create_prior  # noqa: E402
 from varlide.priors import llava_convert as lc  # noqa: E402
 from varlide.priors import qinstruct as qi  # noqa: E402
 from varlide.priors import qinstruct_files as qf  # noqa: E402
+from varlide.priors.base import ModelCache  # noqa: E402
 from varlide.priors.clip import Preprocess, preprocess  # noqa: E402
 from varlide.weights import WeightsMissingError  # noqa: E402
 
@@ -264,7 +265,7 @@ def test_hub_table_and_loading_from_the_hub_cache(tiny, tmp_path, monkeypatch):
         else:
             shutil.copy(tiny["folder"] / ("vision_tower" if tower else "") / rel, dst)
     shutil.copy(tiny["folder"] / "tokenizer.json", files[0].path().parent / "tokenizer.json")
-    monkeypatch.setattr(qi, "_MODELS", {})
+    monkeypatch.setattr(qi, "_MODELS", ModelCache())
     hub = create_prior("qinstruct", model=None)
     assert hub.model == qf.DEFAULT_QINSTRUCT_MODEL
     x = images(2, seed=7)

@@ -9,7 +9,7 @@ pytest.importorskip("transformers.models.qwen3_5")
 
 from vlm_helpers import save_tiny_qwen35  # noqa: E402
 
-from varlide.priors.base import create_prior  # noqa: E402
+from varlide.priors.base import ModelCache, create_prior  # noqa: E402
 from varlide.priors.qrealign import (  # noqa: E402
     ATTRIBUTES,
     LEVEL_WEIGHTS,
@@ -185,7 +185,7 @@ def test_loads_from_the_hub_cache_under_the_tabled_names(tiny, tmp_path, monkeyp
             f.path().write_text(json.dumps(combined["image_processor"]))
         else:
             shutil.copy(tiny / name, f.path())
-    monkeypatch.setattr(qr, "_MODELS", {})
+    monkeypatch.setattr(qr, "_MODELS", ModelCache())
     hub = create_prior("qrealign")
     assert hub.model == DEFAULT_MODEL
     x = _frames(n=2, seed=3)

@@ -7,11 +7,17 @@ modules"); ``backend`` and ``model`` are recorded in every row.
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from varlide.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +47,22 @@ class Prior:
         scores = self.score(images)
         scores.local = local(images)
         return scores
+
+
+class ModelCache:
+    """Models built once per process and key (device, precision ...), thread-safe: a worker
+    process loads each model once, however many shards it runs."""
+
+    def __init__(self) -> None:
+        self._models: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, build: Callable[[], Any], what: str) -> Any:
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = build()
+                log.info("%s: loaded", what)
+            return self._models[key]
 
 
 PRIORS: Registry[Prior] = Registry("prior")

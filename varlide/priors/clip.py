@@ -38,14 +38,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from varlide.priors.base import PRIORS, Prior, PriorScores
+from varlide.priors.base import PRIORS, ModelCache, Prior, PriorScores
 from varlide.priors.clip_files import ClipSpec, clip_checkpoint, clip_files, parse_clip_model
 from varlide.prompts import DEFAULT_CLIP_BLUR_PROMPTS, DEFAULT_CLIP_VISIBILITY_PROMPTS
 from varlide.weights import ensure_files
@@ -105,8 +104,7 @@ class LoadedClip:
     label: str
 
 
-_MODELS: dict[tuple[ClipSpec, str], LoadedClip] = {}
-_MODELS_LOCK = threading.Lock()
+_MODELS = ModelCache()  # (spec, device) -> LoadedClip
 
 
 def _preprocess_of(model: torch.nn.Module, overrides: dict[str, Any]) -> Preprocess:
@@ -161,16 +159,15 @@ def load_clip(spec: ClipSpec | str | None, device: str | torch.device = "cpu"
     if not isinstance(spec, ClipSpec):
         spec = parse_clip_model(spec)
     device = torch.device(device)
-    key = (spec, str(device))
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            loaded = _create(spec)
-            loaded.model.to(device)
-            for p in loaded.model.parameters():
-                p.requires_grad_(False)
-            _MODELS[key] = loaded
-            log.info("clip prior: loaded %s on %s", spec.label, device)
-        return _MODELS[key]
+
+    def build() -> LoadedClip:
+        loaded = _create(spec)
+        loaded.model.to(device)
+        for p in loaded.model.parameters():
+            p.requires_grad_(False)
+        return loaded
+
+    return _MODELS.get((spec, str(device)), build, f"clip prior {spec.label} on {device}")
 
 
 # --------------------------------------------------------------------------- the prior

@@ -35,14 +35,13 @@ precision (``load_qinstruct``). transformers is imported only when a model is lo
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from varlide.priors.base import PRIORS, Prior, PriorScores
+from varlide.priors.base import PRIORS, ModelCache, Prior, PriorScores
 from varlide.priors.clip import Preprocess, preprocess
 from varlide.priors.qinstruct_files import (
     QinstructSpec,
@@ -162,8 +161,7 @@ class LoadedLlava:
     precision: str
 
 
-_MODELS: dict[tuple[QinstructSpec, str, str], LoadedLlava] = {}
-_MODELS_LOCK = threading.Lock()
+_MODELS = ModelCache()  # (spec, device, precision) -> LoadedLlava
 
 
 def _bitsandbytes() -> bool:
@@ -252,12 +250,9 @@ def load_qinstruct(spec: QinstructSpec | str | None, device: str | torch.device 
         spec = parse_qinstruct_model(spec)
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    key = (spec, str(device), precision)
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = _create(spec, device, precision)
-            log.info("qinstruct prior: loaded %s on %s (%s)", spec.label, device, precision)
-        return _MODELS[key]
+    return _MODELS.get((spec, str(device), precision),
+                       lambda: _create(spec, device, precision),
+                       f"qinstruct prior {spec.label} on {device} ({precision})")
 
 
 # --------------------------------------------------------------------------- the prior

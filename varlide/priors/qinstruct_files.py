@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from varlide.priors.vlm_files import ModelSpec, parse_model_spec
+from varlide.priors.vlm_files import ModelSpec, parse_model_spec, snapshot_folder
 from varlide.priors.vlm_files import model_label as vlm_model_label
 from varlide.weights.files import WeightFile, hf_file
 
@@ -144,15 +144,9 @@ def model_folders(spec: QinstructSpec) -> tuple[Path, Path | None]:
         folder = Path(spec.path)
         tower = folder / VISION_SUBFOLDER if folder_layout(folder) == "original" else None
         return folder, tower
-    out = []
     files = qinstruct_files(spec)
-    for repo in (spec.path, KNOWN_REPOS[spec.path][1]):
-        parents = {f.path().parent for f in files if f.location.startswith(f"hf:{repo}/")}
-        if len(parents) != 1:
-            raise FileNotFoundError(f"the files of {repo} lie in several hub snapshots "
-                                    f"({', '.join(sorted(map(str, parents)))}); re-pull them")
-        out.append(parents.pop())
-    return out[0], out[1]
+    return (snapshot_folder(files, spec.path),
+            snapshot_folder(files, KNOWN_REPOS[spec.path][1]))
 
 
 def model_label(spec: QinstructSpec) -> str:

@@ -28,13 +28,12 @@ One model per process, device and precision (``load_qrealign``). transformers >=
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from varlide.priors.base import PRIORS, Prior, PriorScores
+from varlide.priors.base import PRIORS, ModelCache, Prior, PriorScores
 from varlide.priors.qrealign_files import (
     QReAlignSpec,
     model_folder,
@@ -67,8 +66,7 @@ class LoadedQReAlign:
     dtype: torch.dtype
 
 
-_MODELS: dict[tuple, LoadedQReAlign] = {}
-_MODELS_LOCK = threading.Lock()
+_MODELS = ModelCache()  # (spec, device, dtype) -> LoadedQReAlign
 
 
 def level_token_ids(tokenizer: Any, words: tuple[str, ...] = LEVELS) -> list[int]:
@@ -116,12 +114,8 @@ def load_qrealign(spec: QReAlignSpec | str | None, device: str | torch.device = 
         spec = parse_qrealign_model(spec)
     device = torch.device(device)
     dtype = _dtype(precision, device)
-    key = (spec, str(device), dtype)
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = _create(spec, device, dtype)
-            log.info("qrealign prior: loaded %s on %s (%s)", spec.label, device, dtype)
-        return _MODELS[key]
+    return _MODELS.get((spec, str(device), dtype), lambda: _create(spec, device, dtype),
+                       f"qrealign prior {spec.label} on {device} ({dtype})")
 
 
 class QReAlignPrior(Prior):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from varlide.priors.vlm_files import ModelSpec, parse_model_spec
+from varlide.priors.vlm_files import ModelSpec, parse_model_spec, snapshot_folder
 from varlide.priors.vlm_files import model_label as vlm_model_label
 from varlide.weights.files import WeightFile, hf_file
 
@@ -83,11 +83,7 @@ def model_folder(spec: QReAlignSpec) -> Path:
     """Where the files of ``spec`` lie (a hub repo: its one snapshot folder)."""
     if spec.kind == "folder":
         return Path(spec.path)
-    parents = {f.path().parent for f in qrealign_files(spec)}
-    if len(parents) != 1:
-        raise FileNotFoundError(f"the files of {spec.path} lie in several hub snapshots "
-                                f"({', '.join(sorted(map(str, parents)))}); re-pull them")
-    return parents.pop()
+    return snapshot_folder(qrealign_files(spec), spec.path)
 
 
 def model_label(spec: QReAlignSpec) -> str:

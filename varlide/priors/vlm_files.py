@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from varlide.weights.files import folder_digest
+from varlide.weights.files import WeightFile, folder_digest
 
 
 @dataclass(frozen=True)
@@ -51,3 +51,12 @@ def model_label(spec: ModelSpec, folder_paths: Callable[[Path], list[Path]]) -> 
     if not all(p.is_file() for p in paths):
         return spec.label
     return f"{spec.label}@{folder_digest(paths)}"
+
+
+def snapshot_folder(files: list[WeightFile], repo: str) -> Path:
+    """The one hub snapshot folder that holds ``repo``'s files (several: re-pull them)."""
+    parents = {f.path().parent for f in files if f.location.startswith(f"hf:{repo}/")}
+    if len(parents) != 1:
+        raise FileNotFoundError(f"the files of {repo} lie in several hub snapshots "
+                                f"({', '.join(sorted(map(str, parents)))}); re-pull them")
+    return parents.pop()
